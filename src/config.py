@@ -1,0 +1,279 @@
+"""The experiment YAML: one typed schema, its loader, ``--set`` overrides and clear errors.
+
+The schema below is the single source of truth for every key: its type, default, range and
+doc. ``python -m src.config`` prints the README's YAML reference from it.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from src.data import DATASET_REGISTRY
+from src.models import MODEL_REGISTRY
+from src.structured_loss import LOSS_REGISTRY
+
+
+class ConfigError(ValueError):
+    """A bad config value: ``key`` is the dotted path, ``fix`` tells the user what to do."""
+
+    def __init__(self, key: str, problem: str, fix: str, source: str = "") -> None:
+        self.key, self.problem, self.fix, self.source = key, problem, fix, source
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        key = f"{self.key}: " if self.key else ""
+        return f"config error: {where}{key}{self.problem}; {self.fix}"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class QuantizerConfig(Section):
+    name: str = Field(description="quantizer from QUANTIZER_REGISTRY: `deadzone` (CoDeQ) or `uniform`")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the quantizer class")
+    exclude_layers: list[str] = Field(
+        default_factory=list, description="modules whose name contains any of these strings stay FP32"
+    )
+
+
+class GroupOptions(Section):
+    lr: float = Field(1e-3, ge=0, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay (decoupled for adamw)")
+    momentum: float | None = Field(None, ge=0, description="sgd momentum")
+    nesterov: bool | None = Field(None, description="sgd Nesterov momentum")
+    betas: tuple[float, float] | None = Field(None, description="adam/adamw betas")
+    eps: float | None = Field(None, gt=0, description="adam/adamw epsilon")
+
+    def optimizer_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ParamGroups(Section):
+    base: GroupOptions = Field(description="every parameter not in `dz` or `bit`")
+    dz: GroupOptions | None = Field(None, description="parameters named `*logit_dz*`; absent: they join `base`")
+    bit: GroupOptions | None = Field(None, description="parameters named `*logit_bit*`; absent: they join `base`")
+
+
+class OptimizerConfig(Section):
+    type: Literal["adamw", "adam", "sgd"] = Field("adamw", description="optimizer")
+    param_groups: ParamGroups = Field(description="per-group options, passed straight to the optimizer")
+
+
+class LossTermConfig(Section):
+    name: str = Field(description="loss term from LOSS_REGISTRY, e.g. `group_lasso`")
+    weight: float = Field(1.0, alias="lambda", description="the term is added as `lambda * fn(model, **kwargs)`")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the loss function")
+
+
+class SchedulerConfig(Section):
+    type: Literal["cosine", "constant"] = Field("cosine", description="cosine annealing (T_max=epochs) or constant")
+    eta_min: float = Field(0.0, ge=0, description="final learning rate of the cosine schedule")
+
+
+class TrainConfig(Section):
+    model: str = Field(description="model from MODEL_REGISTRY (resnet20/32/44/56/110, vit, mlp)")
+    epochs: int = Field(ge=1, description="training epochs (also the cosine T_max)")
+    batch_size: int = Field(ge=1, description="batch size per process")
+    img_size: int = Field(32, ge=1, description="input resolution the data is resized to")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or mps; `--device` overrides it")
+    wandb_project: str | None = Field(None, description="W&B project; null disables W&B")
+    workers: int = Field(4, ge=0, description="data-loader worker processes")
+    use_compile: bool = Field(False, description="wrap the model in torch.compile")
+    quantizer: QuantizerConfig | None = Field(None, description="weight quantizer; null trains the FP32 baseline")
+    optimizer: OptimizerConfig = Field(description="optimizer and its parameter groups")
+    loss_terms: list[LossTermConfig] = Field(default_factory=list, description="regularisers added to the loss")
+    lr_scheduler: SchedulerConfig = Field(
+        default_factory=SchedulerConfig, description="`cosine`, `constant`, or a mapping with `type` and `eta_min`"
+    )
+    dataset: str = Field("cifar10", description="data set from DATASET_REGISTRY: cifar10 or digits")
+    data_dir: str = Field("./data", description="where the data set lives or is downloaded to")
+    seed: int = Field(42, description="seed for python, numpy, torch and the data order")
+    save_dir: str = Field("runs", description="run directories are created under it")
+    log_interval: int = Field(50, ge=1, description="steps between progress lines when stdout is not a terminal")
+
+    @field_validator("lr_scheduler", mode="before")
+    @classmethod
+    def scheduler_shorthand(cls, value: Any) -> Any:
+        if value is None:
+            return {"type": "constant"}
+        return {"type": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def known_names(self) -> TrainConfig:
+        check_choice("model", self.model, MODEL_REGISTRY)
+        check_choice("dataset", self.dataset, DATASET_REGISTRY)
+        for index, term in enumerate(self.loss_terms):
+            check_choice(f"loss_terms.{index}.name", term.name, LOSS_REGISTRY)
+            check_kwargs(f"loss_terms.{index}.kwargs", LOSS_REGISTRY[term.name], term.kwargs, skip=1)
+        return self
+
+
+def check_choice(key: str, value: str, registry: dict[str, Any]) -> None:
+    if value not in registry:
+        raise ConfigError(key, f"unknown name {value!r}", f"choose one of: {', '.join(registry)}")
+
+
+def check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int = 0) -> None:
+    """Check ``kwargs`` against ``target``'s signature, ignoring its first ``skip`` parameters."""
+    params = list(inspect.signature(target).parameters.values())[skip:]
+    accepted = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for name in kwargs:
+        if name not in accepted:
+            raise ConfigError(f"{key}.{name}", "unknown argument", suggest(name, accepted, f"{target.__name__} takes"))
+    for name, param in accepted.items():
+        if param.default is inspect.Parameter.empty and name not in kwargs:
+            raise ConfigError(f"{key}.{name}", "required argument missing", f"add `{name}: <value>` under {key}")
+
+
+def suggest(name: str, choices: Any, prefix: str = "valid keys are") -> str:
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}{prefix}: {', '.join(choices)}"
+
+
+def parse_overrides(overrides: list[str], data: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars) to the raw config."""
+    for override in overrides:
+        path, sep, text = override.partition("=")
+        if not sep or not path or any(not part for part in path.split(".")):
+            raise ConfigError("--set", f"malformed override {override!r}", "write it as key.path=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError("--set", f"value of {path} is not valid YAML: {text!r}", "quote it or fix the syntax")
+        node = data
+        *parents, leaf = path.split(".")
+        for depth, part in enumerate(parents):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {path}", f"no list element {part}", f"use an index below {len(node)}")
+                node = node[int(part)]
+                continue
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, (dict, list)):
+                raise ConfigError(f"--set {path}", f"{'.'.join(parents[:depth + 1])} is not a mapping", "set a leaf key")
+            node = child
+        if isinstance(node, list):
+            if not leaf.isdigit() or int(leaf) >= len(node):
+                raise ConfigError(f"--set {path}", f"no list element {leaf}", f"use an index below {len(node)}")
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    source = str(path)
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError("", "file not found", "pass an existing YAML file to --config", source)
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError("", f"YAML syntax error at {where}{problem}", "fix the YAML syntax", source)
+    if data is None:
+        raise ConfigError("", "the file is empty", "start from configs/quickstart.yaml", source)
+    if not isinstance(data, dict):
+        raise ConfigError("", f"top level is a {type(data).__name__}, not a mapping", "write `key: value` lines", source)
+    return data
+
+
+def validation_error_to_config_error(error: ValidationError) -> ConfigError:
+    """The first pydantic error, rephrased as a one-line ConfigError."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        parent = TrainConfig
+        for part in first["loc"][:-1]:
+            parent = section_class(parent, part) or parent
+        names = [f.alias or n for n, f in parent.model_fields.items()]
+        return ConfigError(key, "unknown key", suggest(str(first["loc"][-1]), names))
+    if kind == "missing":
+        return ConfigError(key, "required key missing", "add it (see the YAML reference in README.md)")
+    context = first.get("ctx", {})
+    if "error" in context and isinstance(context["error"], ConfigError):
+        return context["error"]
+    return ConfigError(key, f"{first['msg'].lower()} (got {first.get('input')!r})", "see the YAML reference in README.md")
+
+
+def section_class(parent: type[BaseModel], part: Any) -> type[BaseModel] | None:
+    field = parent.model_fields.get(str(part))
+    if field is None:
+        return None
+    for candidate in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        for inner in getattr(candidate, "__args__", ()):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
+def validate_config(data: dict[str, Any], quantizers: dict[str, type]) -> TrainConfig:
+    """Build the typed config from raw YAML data, checking the quantizer against ``quantizers``."""
+    try:
+        config = TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise validation_error_to_config_error(error) from None
+    if config.quantizer is not None:
+        check_choice("quantizer.name", config.quantizer.name, quantizers)
+        quantizer_cls = quantizers[config.quantizer.name]
+        check_kwargs("quantizer.kwargs", quantizer_cls.__init__, config.quantizer.kwargs, skip=1)
+        try:
+            quantizer_cls(**config.quantizer.kwargs)
+        except (TypeError, ValueError) as error:
+            raise ConfigError("quantizer.kwargs", str(error), "fix the value") from None
+    return config
+
+
+def load_config(path: str | Path, quantizers: dict[str, type], overrides: list[str] | None = None) -> TrainConfig:
+    """Read, override and validate a config file; every problem raises a ConfigError naming the file."""
+    try:
+        data = parse_overrides(list(overrides or []), read_yaml(path))
+        return validate_config(data, quantizers)
+    except ConfigError as error:
+        error.source = error.source or str(path)
+        raise ConfigError(error.key, error.problem, error.fix, error.source) from None
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain YAML-able data, keys spelled as in the file."""
+    return config.model_dump(mode="json", by_alias=True)
+
+
+def yaml_reference(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """Markdown table rows documenting every key of ``model`` (recursing into sections)."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
+        type_name = str(field.annotation).replace("typing.", "").replace("src.config.", "")
+        type_name = type_name.replace("<class '", "").replace("'>", "")
+        rows.append(f"| `{key}` | {type_name} | {default} | {field.description or ''} |")
+        nested = section_class(model, name)
+        if nested is not None:
+            rows += yaml_reference(nested, key + ("[].") if "list" in type_name else key + ".")
+    return rows
+
+
+def markdown_reference() -> str:
+    header = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    return "\n".join(header + yaml_reference()) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_reference(), end="")

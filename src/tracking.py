@@ -1,0 +1,65 @@
+"""Where a run's results go: ``metrics.jsonl`` in the run directory and, when enabled, W&B."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode(project: str | None) -> str:
+    """'disabled', or the mode W&B should run in: offline when no login is available."""
+    if project is None or os.environ.get("WANDB_MODE") == "disabled":
+        return "disabled"
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    if not logged_in:
+        log.warning("W&B: no login found, logging offline to the run directory (`wandb sync` uploads it later)")
+        return "offline"
+    return "online"
+
+
+class RunTracker:
+    """Appends one JSON object per epoch to ``metrics.jsonl`` and mirrors it to W&B.
+
+    W&B never stops a run: any failure to start it is reported once and the run goes on.
+    """
+
+    def __init__(self, run_dir: Path, run_name: str, project: str | None, config: dict[str, Any],
+                 resume_id: str | None = None) -> None:
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        mode = wandb_mode(project)
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=project, name=run_name, config=config, dir=str(run_dir), mode=mode,
+                id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous",
+            )
+        except Exception as error:  # noqa: BLE001 - W&B problems must never end a training run
+            log.warning("W&B could not start (%s); continuing without it", str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def log(self, record: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Write ``record`` to metrics.jsonl and ``record | extra`` to W&B (extra: per-layer detail, images)."""
+        with self.metrics_path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({**record, **(extra or {})}, step=record.get("epoch"))
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        if self.wandb_run is not None:
+            if summary:
+                self.wandb_run.summary.update(summary)
+            self.wandb_run.finish()

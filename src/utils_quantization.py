@@ -1,0 +1,83 @@
+"""Attaching weight quantizers to a model as ``torch.nn.utils.parametrize`` parametrizations.
+
+After attachment ``module.weight`` is the fake-quantized weight, recomputed from the latent
+weight ``module.parametrizations.weight.original`` on access; the quantizer's own parameters
+(``...parametrizations.weight.0.quantizer.logit_dz``) are ordinary model parameters.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+log = logging.getLogger(__name__)
+
+
+class FakeQuantParametrization(nn.Module):
+    """Parametrization that replaces a weight by ``quantizer(weight)`` while enabled."""
+
+    def __init__(self, quantizer: nn.Module, enabled: bool = True) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.enabled = enabled
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return self.quantizer(weight) if self.enabled else weight
+
+
+def owns_weight(module: nn.Module) -> bool:
+    """True when ``module`` itself holds a ``weight`` Parameter (or already a quantized one)."""
+    return parametrize.is_parametrized(module, "weight") or isinstance(module._parameters.get("weight"), nn.Parameter)
+
+
+def attach_weight_quantizers(
+    model: nn.Module,
+    exclude_layers: Sequence[str],
+    quantizer: type[nn.Module],
+    quantizer_kwargs: dict[str, Any],
+    enabled: bool = True,
+) -> list[str]:
+    """Give every module owning a ``weight`` Parameter its own ``quantizer(**quantizer_kwargs)``.
+
+    A module is skipped when any string of ``exclude_layers`` is a substring of its name.
+    Returns the names of the quantized modules.
+    """
+    attached, skipped = [], []
+    for name, module in model.named_modules():
+        if not owns_weight(module) or parametrize.is_parametrized(module, "weight"):
+            continue
+        if any(pattern in name for pattern in exclude_layers):
+            skipped.append(name)
+            continue
+        parametrization = FakeQuantParametrization(quantizer(**quantizer_kwargs), enabled)
+        parametrize.register_parametrization(module, "weight", parametrization)
+        attached.append(name)
+    log.info("quantized %d layers with %s: %s", len(attached), quantizer.__name__, ", ".join(attached))
+    if skipped:
+        log.info("left %d layers in FP32 (exclude_layers): %s", len(skipped), ", ".join(skipped))
+    return attached
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, FakeQuantParametrization]]:
+    """(name, module, parametrization) for every module whose weight carries a fake-quantizer."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for parametrization in module.parametrizations.weight:
+                if isinstance(parametrization, FakeQuantParametrization):
+                    yield name, module, parametrization
+
+
+def latent_weight(module: nn.Module) -> Tensor:
+    """The trainable weight of ``module``: the unquantized original when a quantizer is attached."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def toggle_quantization(model: nn.Module, enabled: bool) -> None:
+    """Switch every attached fake-quantizer on or off (off: layers see their latent weights)."""
+    for _, _, parametrization in quantized_layers(model):
+        parametrization.enabled = enabled
