@@ -1,0 +1,24 @@
+# Every target creates the virtual environment on first use.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test bench reference clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	rm -rf runs/quickstart
+	$(PYTHON) run_training.py --config configs/quickstart.yaml
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+reference: $(STAMP)
+	$(PYTHON) -m src.config
+
+clean:
+	rm -rf runs wandb .pytest_cache
