@@ -5,13 +5,13 @@ items are ``(image [3, img_size, img_size] float tensor, label int)``.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -77,11 +77,37 @@ def digits(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
 DATASET_REGISTRY: dict[str, DatasetSpec] = {"cifar10": DatasetSpec(cifar10, 10), "digits": DatasetSpec(digits, 10)}
 
 
+class StridedBatchSampler:
+    """Process ``rank``'s share of the batches an ordered single-process loader makes: batches
+    ``rank, rank + world_size, ...``. Each batch holds the same samples as in a single-process run
+    and none is padded or repeated, so the summed losses and counts equal the single-process ones."""
+
+    def __init__(self, dataset: Sized, batch_size: int, rank: int, world_size: int) -> None:
+        self.size, self.batch_size, self.rank, self.world_size = len(dataset), batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(self.rank * self.batch_size, self.size, self.world_size * self.batch_size):
+            yield list(range(start, min(start + self.batch_size, self.size)))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, -(-self.size // self.batch_size), self.world_size))
+
+
 def build_loaders(
-    dataset: DatasetPair, batch_size: int, workers: int, generator: torch.Generator, pin_memory: bool = False
+    dataset: DatasetPair, batch_size: int, workers: int, generator: torch.Generator, pin_memory: bool = False,
+    rank: int = 0, world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training loader (drawing from ``generator``) and an ordered validation loader."""
-    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
-    train = DataLoader(dataset.train, shuffle=True, drop_last=False, generator=generator, **common)
-    val = DataLoader(dataset.val, shuffle=False, **common)
+    """Shuffled training loader (drawing from ``generator``) and an ordered validation loader.
+
+    With ``world_size`` > 1 each process gets its part: a DistributedSampler seeded from
+    ``generator`` (call ``set_epoch`` every epoch) and a StridedBatchSampler for validation.
+    """
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    if world_size == 1:
+        train = DataLoader(dataset.train, batch_size, shuffle=True, drop_last=False, generator=generator, **common)
+        val = DataLoader(dataset.val, batch_size, shuffle=False, **common)
+        return train, val
+    sampler = DistributedSampler(dataset.train, world_size, rank, shuffle=True, seed=generator.initial_seed())
+    train = DataLoader(dataset.train, batch_size, sampler=sampler, **common)
+    val = DataLoader(dataset.val, batch_sampler=StridedBatchSampler(dataset.val, batch_size, rank, world_size), **common)
     return train, val

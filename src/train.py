@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from src.distributed import all_reduce_sum, is_main_process
+
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module], Tensor]
@@ -20,7 +22,7 @@ class Progress:
 
     def __init__(self, iterable: Iterable, total: int, desc: str, log_interval: int = 50) -> None:
         self.total, self.desc, self.log_interval = total, desc, log_interval
-        self.interactive = sys.stdout.isatty()
+        self.interactive = sys.stdout.isatty() and is_main_process()
         if self.interactive:
             from tqdm import tqdm
 
@@ -60,8 +62,10 @@ class RunningMean:
         self.count += batch
 
     def result(self) -> dict[str, float]:
-        count = max(self.count, 1)
-        return {"loss": float(self.loss_sum) / count, "acc": float(self.correct) / count}
+        """Averages over the samples of every process."""
+        totals = torch.stack([self.loss_sum, self.correct, self.loss_sum.new_tensor(self.count)])
+        loss_sum, correct, count = all_reduce_sum(totals).tolist()
+        return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
 
 
 def train(
