@@ -52,11 +52,13 @@ def nominal_bits(config: TrainConfig, quantizers: dict[str, type]) -> int:
     return int(config.quantizer.kwargs.get(argument, default))
 
 
-def run_name(config: TrainConfig, quantizers: dict[str, type]) -> str:
+def run_name(config: TrainConfig, quantizers: dict[str, type], world_size: int = 1) -> str:
+    """``<model>_<quantizer><bits>b_e<epochs>_lr<lr>``; a multi-process run appends ``_gb<global batch>``
+    (batch_size is per process), so runs with different global batches never share a directory."""
     lr = f"{config.optimizer.param_groups.base.lr:g}"
-    if config.quantizer is None:
-        return f"{config.model}_baseline_e{config.epochs}_lr{lr}"
-    return f"{config.model}_{config.quantizer.name}{nominal_bits(config, quantizers)}b_e{config.epochs}_lr{lr}"
+    scheme = "baseline" if config.quantizer is None else f"{config.quantizer.name}{nominal_bits(config, quantizers)}b"
+    global_batch = f"_gb{config.batch_size * world_size}" if world_size > 1 else ""
+    return f"{config.model}_{scheme}_e{config.epochs}_lr{lr}{global_batch}"
 
 
 def build_model(config: TrainConfig, num_classes: int, quantizers: dict[str, type]) -> tuple[nn.Module, list[str]]:
