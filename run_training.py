@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+from src import distributed
 from src.checkpoint import save_checkpoint
 from src.compression import layer_stats, summary
 from src.config import ConfigError, TrainConfig, config_to_dict, load_config
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def train_and_evaluate(config: TrainConfig, device: torch.device) -> Path:
     """Run every epoch of ``config`` on ``device``; returns the run directory."""
     seed_everything(config.seed)
-    name = run_name(config, QUANTIZER_REGISTRY)
+    name = run_name(config, QUANTIZER_REGISTRY, distributed.world_size())
     dataset_spec = DATASET_REGISTRY[config.dataset]
     model, _ = build_model(config, dataset_spec.num_classes, QUANTIZER_REGISTRY)
     model.to(device)
@@ -54,20 +55,27 @@ def train_and_evaluate(config: TrainConfig, device: torch.device) -> Path:
     data = dataset_spec.build(config.data_dir, config.img_size)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader, val_loader = build_loaders(data, config.batch_size, config.workers, generator,
-                                             pin_memory=device.type == "cuda")
+                                             pin_memory=device.type == "cuda", rank=distributed.rank(),
+                                             world_size=distributed.world_size())
+    log.info("global batch %d (%d processes x batch_size %d)", config.batch_size * distributed.world_size(),
+             distributed.world_size(), config.batch_size)
 
     run_dir = Path(config.save_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = config_to_dict(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     tracker = RunTracker(run_dir, name, config.wandb_project, resolved)
     forward_model = torch.compile(model) if config.use_compile else model
+    train_model = distributed.wrap(forward_model, device)
 
     best_val_acc, compression = 0.0, {}
     for epoch in range(1, config.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train(train_loader, forward_model, criterion, optimizer, epoch, device, loss_terms,
+        distributed.set_epoch(train_loader, epoch)
+        train_metrics = train(train_loader, train_model, criterion, optimizer, epoch, device, loss_terms,
                               log_interval=config.log_interval)
+        # Unwrapped: each process validates its own batches, and DDP would sync buffers in every forward.
         val_metrics = validate(val_loader, forward_model, criterion, device, log_interval=config.log_interval)
         scheduler.step()
         compression = summary(layer_stats(model))
@@ -77,16 +85,19 @@ def train_and_evaluate(config: TrainConfig, device: torch.device) -> Path:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "epoch": epoch, "best_val_acc": max(best_val_acc, val_metrics["acc"]), "config": resolved,
                  "wandb_id": tracker.wandb_id}
-        save_checkpoint(state, run_dir / "last.pt")
-        if val_metrics["acc"] > best_val_acc:
-            best_val_acc = val_metrics["acc"]
-            save_checkpoint(state, run_dir / "best.pt")
+        improved = val_metrics["acc"] > best_val_acc
+        best_val_acc = state["best_val_acc"]
+        if distributed.is_main_process():
+            save_checkpoint(state, run_dir / "last.pt")
+            if improved:
+                save_checkpoint(state, run_dir / "best.pt")
         log.info("epoch %d/%d loss %.4f train_acc %.4f val_acc %.4f%s", epoch, config.epochs, record["loss"],
                  record["train_acc"], record["val_acc"],
                  f" sparsity {compression['sparsity']:.4f} bits {compression['mean_bits']:.2f}" if compression else "")
     tracker.finish({"best_val_acc": best_val_acc, **compression})
     sparsity = f" | sparsity {compression['sparsity']:.2%}" if compression else ""
-    print(f"run directory: {run_dir} | best val_acc {best_val_acc:.2%}{sparsity}")
+    if distributed.is_main_process():
+        print(f"run directory: {run_dir} | best val_acc {best_val_acc:.2%}{sparsity}")
     return run_dir
 
 
@@ -96,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args.set + ([f"device={args.device}"] if args.device else [])
     try:
         config = load_config(args.config, QUANTIZER_REGISTRY, overrides)
-        device = resolve_device(config.device)
+        device = distributed.setup(resolve_device(config.device))
     except ConfigError as error:
         error.source = error.source or args.config
         print(error.line(), file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    train_and_evaluate(config, device)
+    if not distributed.is_main_process():
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
+    try:
+        train_and_evaluate(config, device)
+    finally:
+        distributed.teardown()
     return 0
 
 

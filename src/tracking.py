@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from src.distributed import is_main_process
+
 log = logging.getLogger(__name__)
 
 
@@ -27,14 +29,16 @@ def wandb_mode(project: str | None) -> str:
 class RunTracker:
     """Appends one JSON object per epoch to ``metrics.jsonl`` and mirrors it to W&B.
 
-    W&B never stops a run: any failure to start it is reported once and the run goes on.
+    W&B never stops a run: any failure to start it is reported once and the run goes on. Off the
+    main process of a distributed run it does nothing: one process speaks for the run.
     """
 
     def __init__(self, run_dir: Path, run_name: str, project: str | None, config: dict[str, Any],
                  resume_id: str | None = None) -> None:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.wandb_run = None
-        mode = wandb_mode(project)
+        self.active = is_main_process()
+        mode = wandb_mode(project) if self.active else "disabled"
         if mode == "disabled":
             return
         try:
@@ -53,6 +57,8 @@ class RunTracker:
 
     def log(self, record: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
         """Write ``record`` to metrics.jsonl and ``record | extra`` to W&B (extra: per-layer detail, images)."""
+        if not self.active:
+            return
         with self.metrics_path.open("a") as file:
             file.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
