@@ -1,0 +1,92 @@
+"""Attaching quantizers as parametrizations, exclusion, toggling."""
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from src.models import create_model
+from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
+from src.utils_quantization import attach_weight_quantizers, latent_weight, quantized_layers, toggle_quantization
+
+
+def weight_owners(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m._parameters.get("weight"), nn.Parameter)]
+
+
+def test_resnet20_every_weight_owner_is_quantized_unless_excluded():
+    model = create_model("resnet20", 10, 32)
+    owners = weight_owners(model)
+    attached = attach_weight_quantizers(model, ["bn", "fc"], DeadZoneLDZCompander, {"fixed_bit_val": 4})
+    expected = [n for n in owners if "bn" not in n and "fc" not in n]
+    assert attached == expected
+    assert len(attached) == 19  # 1 stem conv + 9 blocks x 2 convs
+    assert all(isinstance(dict(model.named_modules())[n], nn.Conv2d) for n in attached)
+    assert not parametrize.is_parametrized(model.fc, "weight")
+    assert not parametrize.is_parametrized(model.bn1, "weight")
+
+
+def test_empty_exclude_quantizes_norm_layers_too():
+    model = create_model("resnet20", 10, 32)
+    attached = attach_weight_quantizers(model, [], UniformSymmetric, {"bitwidth": 8})
+    assert attached == weight_owners(create_model("resnet20", 10, 32))
+    assert any("bn" in name for name in attached)
+
+
+def test_one_quantizer_instance_per_layer_with_its_own_parameters():
+    model = create_model("resnet20", 10, 32)
+    attach_weight_quantizers(model, ["bn"], DeadZoneLDZCompander, {})
+    quantizers = [p.quantizer for _, _, p in quantized_layers(model)]
+    assert len({id(q) for q in quantizers}) == len(quantizers) == 20
+    names = [n for n, _ in model.named_parameters() if "logit_dz" in n]
+    assert len(names) == 20 and names[0] == "conv1.parametrizations.weight.0.quantizer.logit_dz"
+
+
+def test_weight_is_quantized_and_toggle_restores_latent():
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 32)
+    attach_weight_quantizers(model, ["bn"], DeadZoneLDZCompander, {"init_deadzone_logit": 0.5})
+    conv = model.layer2[0].conv1
+    latent = latent_weight(conv)
+    quantizer = conv.parametrizations.weight[0].quantizer
+    assert torch.equal(conv.weight, quantizer(latent))
+    assert (conv.weight == 0).float().mean() > 0.2  # dead zone active
+    toggle_quantization(model, False)
+    assert torch.equal(conv.weight, latent)
+    toggle_quantization(model, True)
+    assert torch.equal(conv.weight, quantizer(latent))
+
+
+def test_forward_and_backward_through_quantized_model():
+    model = create_model("resnet20", 10, 16)
+    attach_weight_quantizers(model, ["bn"], DeadZoneLDZCompander, {})
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+
+
+def test_vit_attachment_and_exclusion():
+    model = create_model("vit", 10, 32)
+    attached = attach_weight_quantizers(model, ["norm", "head"], DeadZoneLDZCompander, {})
+    assert "patch_embed.proj" in attached
+    assert "blocks.0.attn.qkv" in attached and "blocks.11.mlp.fc2" in attached
+    assert not any("norm" in n or n == "head" for n in attached)
+    assert len(attached) == 1 + 12 * 4  # patch embedding + (qkv, proj, fc1, fc2) per block
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_attachment_is_logged_not_printed(caplog, capsys):
+    model = create_model("mlp", 10, 8)
+    with caplog.at_level(logging.INFO, logger="src.utils_quantization"):
+        attach_weight_quantizers(model, ["5"], UniformSymmetric, {"bitwidth": 4})
+    assert "quantized 2 layers with UniformSymmetric: 1, 3" in caplog.text
+    assert "left 1 layers in FP32 (exclude_layers): 5" in caplog.text
+    assert capsys.readouterr().out == ""
+
+
+def test_attaching_twice_does_not_stack_quantizers():
+    model = create_model("mlp", 10, 8)
+    assert len(attach_weight_quantizers(model, [], UniformSymmetric, {})) == 3
+    assert attach_weight_quantizers(model, [], UniformSymmetric, {}) == []
+    assert all(len(m.parametrizations.weight) == 1 for _, m, _ in quantized_layers(model))

@@ -1,0 +1,101 @@
+"""The 3-way optimizer, run names and scheduler built from a config."""
+import logging
+
+import pytest
+import torch
+
+from conftest import quick_config
+from run_training import QUANTIZER_REGISTRY
+from src.config import validate_config
+from src.experiment import build_model, build_optimizer, build_scheduler, run_name
+
+
+def build(tmp_path, **overrides):
+    config = validate_config(quick_config(tmp_path, **overrides), QUANTIZER_REGISTRY)
+    model, _ = build_model(config, 10, QUANTIZER_REGISTRY)
+    return config, model, build_optimizer(model, config)
+
+
+def groups_by_name(optimizer):
+    return {group["name"]: group for group in optimizer.param_groups}
+
+
+def test_every_trainable_parameter_in_exactly_one_group_with_its_options(tmp_path):
+    config, model, optimizer = build(
+        tmp_path,
+        quantizer={"name": "deadzone", "kwargs": {"learnable_bit": True}, "exclude_layers": ["bn"]},
+        optimizer={"type": "adamw", "param_groups": {
+            "base": {"lr": 0.01, "weight_decay": 5e-4},
+            "dz": {"lr": 0.02, "weight_decay": 2.5},
+            "bit": {"lr": 0.03, "weight_decay": 0.0}}},
+    )
+    assert isinstance(optimizer, torch.optim.AdamW)
+    seen = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(seen) == sorted(trainable)  # each exactly once
+    groups = groups_by_name(optimizer)
+    assert (groups["base"]["lr"], groups["base"]["weight_decay"]) == (0.01, 5e-4)
+    assert (groups["dz"]["lr"], groups["dz"]["weight_decay"]) == (0.02, 2.5)
+    assert (groups["bit"]["lr"], groups["bit"]["weight_decay"]) == (0.03, 0.0)
+    assert all("logit_dz" in trainable[id(p)] for p in groups["dz"]["params"])
+    assert all("logit_bit" in trainable[id(p)] for p in groups["bit"]["params"])
+    assert len(groups["dz"]["params"]) == len(groups["bit"]["params"]) == 20
+    assert not any("logit" in trainable[id(p)] for p in groups["base"]["params"])
+
+
+def test_frozen_bit_logits_are_left_out_and_sgd_options_pass_through(tmp_path):
+    _, model, optimizer = build(
+        tmp_path,
+        optimizer={"type": "sgd", "param_groups": {
+            "base": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+            "dz": {"lr": 0.05, "momentum": 0.0}}},
+    )
+    groups = groups_by_name(optimizer)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert groups["base"]["momentum"] == 0.9 and groups["base"]["nesterov"] is True
+    assert groups["dz"]["momentum"] == 0.0 and "bit" not in groups  # quickstart: learnable_bit false
+    seen = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert {id(p) for n, p in model.named_parameters() if p.requires_grad} == seen
+    assert not any(id(p) in seen for n, p in model.named_parameters() if "logit_bit" in n)
+
+
+def test_missing_quantizer_groups_join_base_with_a_notice(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        _, model, optimizer = build(tmp_path, optimizer={"type": "adam", "param_groups": {"base": {"lr": 0.01}}})
+    groups = groups_by_name(optimizer)
+    assert list(groups) == ["base"]
+    n_dz = sum(1 for n, _ in model.named_parameters() if "logit_dz" in n)
+    assert n_dz == 20
+    assert len(groups["base"]["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert "no optimizer group 'dz' configured: its 20 parameters join 'base'" in caplog.text
+
+
+def test_baseline_with_quantizer_groups_warns(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, model, optimizer = build(tmp_path, quantizer=None)
+    assert [g["name"] for g in optimizer.param_groups] == ["base"]
+    assert "optimizer group 'dz' is configured but the model has no logit_dz parameters" in caplog.text
+
+
+@pytest.mark.parametrize("quantizer,expected", [
+    (None, "resnet20_baseline_e1_lr0.003"),
+    ({"name": "deadzone", "kwargs": {"fixed_bit_val": 3}}, "resnet20_deadzone3b_e1_lr0.003"),
+    ({"name": "deadzone", "kwargs": {}}, "resnet20_deadzone4b_e1_lr0.003"),
+    ({"name": "uniform", "kwargs": {"bitwidth": 6}}, "resnet20_uniform6b_e1_lr0.003"),
+    ({"name": "uniform"}, "resnet20_uniform8b_e1_lr0.003"),
+])
+def test_run_name(tmp_path, quantizer, expected):
+    config = validate_config(quick_config(tmp_path, quantizer=quantizer), QUANTIZER_REGISTRY)
+    assert run_name(config, QUANTIZER_REGISTRY) == expected
+
+
+def test_cosine_schedule_anneals_over_epochs(tmp_path):
+    config, _, optimizer = build(tmp_path, epochs=4)
+    scheduler = build_scheduler(optimizer, config)
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.003, 0.003 * 0.8535534, 0.0015, 0.003 * 0.1464466], rel=1e-5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
