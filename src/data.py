@@ -5,10 +5,14 @@ items are ``(image [3, img_size, img_size] float tensor, label int)``.
 """
 from __future__ import annotations
 
+import itertools
+import importlib
+import pickle
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
@@ -31,23 +35,82 @@ class DatasetSpec:
     num_classes: int
 
 
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR10_TEST_FILES = ["test_batch"]
+# The CIFAR "python version" files are pickles; only these globals (numpy array rebuilding) may be loaded.
+SAFE_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays; refuses any other global (no code execution)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return getattr(importlib.import_module(module), name)
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """Images [N, 32, 32, 3] uint8 and labels of one CIFAR-10 python batch file."""
+    try:
+        with path.open("rb") as file:
+            batch = ArrayOnlyUnpickler(file, encoding="latin1").load()
+        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = [int(label) for label in batch["labels"]]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable CIFAR-10 batch ({error}); delete it to download it again") from None
+    if len(labels) != len(images):
+        raise ValueError(f"{path} has {len(images)} images but {len(labels)} labels; delete it to download it again")
+    return images, labels
+
+
+class CifarBatches(Dataset):
+    """CIFAR images held in memory as uint8, transformed on access."""
+
+    def __init__(self, folder: Path, files: list[str], transform: Callable) -> None:
+        batches = [read_cifar_batch(folder / name) for name in files]
+        self.images = np.concatenate([images for images, _ in batches])
+        self.labels = [label for _, labels in batches for label in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
 def cifar10(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
+    """CIFAR-10 from ``data_dir/cifar-10-batches-py``, downloaded there by torchvision when absent."""
     from torchvision import datasets, transforms
 
+    root = Path(data_dir)
+    folder = root / CIFAR10_FOLDER
+    if not folder.is_dir():
+        if not download:
+            raise FileNotFoundError(f"CIFAR-10 not found: {folder} does not exist; set data_dir or allow the download")
+        try:
+            datasets.CIFAR10(root, train=True, download=True)  # fetches, checks the MD5 and extracts
+        except Exception as error:  # noqa: BLE001 - network errors come in many types
+            raise FileNotFoundError(f"CIFAR-10 is not under {root.resolve()} and could not be downloaded ({error}); "
+                                    f"copy cifar-10-batches-py there or check the network") from None
+    missing = [name for name in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 under {folder} lacks {', '.join(missing)}; delete the folder to download it again")
     resize = [transforms.Resize(img_size, antialias=True)] if img_size != 32 else []
     normalize = [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-    train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *resize, *normalize])
-    val_tf = transforms.Compose([*resize, *normalize])
-    root = Path(data_dir)
-    try:
-        train = datasets.CIFAR10(root, train=True, transform=train_tf, download=download)
-        val = datasets.CIFAR10(root, train=False, transform=val_tf, download=download)
-    except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
-        raise FileNotFoundError(
-            f"CIFAR-10 not found or corrupt under {root.resolve()}: {error} "
-            f"(set data_dir to the folder holding cifar-10-batches-py, or allow the download)"
-        ) from error
-    return DatasetPair(train, val)
+    augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    return DatasetPair(
+        CifarBatches(folder, CIFAR10_TRAIN_FILES, transforms.Compose([*augment, *resize, *normalize])),
+        CifarBatches(folder, CIFAR10_TEST_FILES, transforms.Compose([*resize, *normalize])),
+    )
 
 
 def digits(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
@@ -77,6 +140,27 @@ def digits(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
 DATASET_REGISTRY: dict[str, DatasetSpec] = {"cifar10": DatasetSpec(cifar10, 10), "digits": DatasetSpec(digits, 10)}
 
 
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler (each epoch's order is a pure function of seed and epoch, so a resumed
+    run draws the same order as an uninterrupted one) whose epoch can start part-way:
+    ``set_epoch(epoch, start)`` leaves out the first ``start`` samples of this process's share,
+    those an interrupted epoch already trained on. With one process it shuffles the whole set."""
+
+    def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, world_size, rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.start, 0)
+
+
 class StridedBatchSampler:
     """Process ``rank``'s share of the batches an ordered single-process loader makes: batches
     ``rank, rank + world_size, ...``. Each batch holds the same samples as in a single-process run
@@ -97,17 +181,16 @@ def build_loaders(
     dataset: DatasetPair, batch_size: int, workers: int, generator: torch.Generator, pin_memory: bool = False,
     rank: int = 0, world_size: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training loader (drawing from ``generator``) and an ordered validation loader.
+    """Shuffled training loader and an ordered validation loader.
 
-    With ``world_size`` > 1 each process gets its part: a DistributedSampler seeded from
-    ``generator`` (call ``set_epoch`` every epoch) and a StridedBatchSampler for validation.
+    The training order comes from a ResumableSampler seeded from ``generator`` (call ``set_epoch``
+    every epoch); ``generator`` also seeds the loader's workers. With ``world_size`` > 1 each
+    process gets its part, and a StridedBatchSampler splits validation.
     """
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    sampler = ResumableSampler(dataset.train, world_size, rank, seed=generator.initial_seed())
+    train = DataLoader(dataset.train, batch_size, sampler=sampler, generator=generator, **common)
     if world_size == 1:
-        train = DataLoader(dataset.train, batch_size, shuffle=True, drop_last=False, generator=generator, **common)
-        val = DataLoader(dataset.val, batch_size, shuffle=False, **common)
-        return train, val
-    sampler = DistributedSampler(dataset.train, world_size, rank, shuffle=True, seed=generator.initial_seed())
-    train = DataLoader(dataset.train, batch_size, sampler=sampler, **common)
+        return train, DataLoader(dataset.val, batch_size, shuffle=False, **common)
     val = DataLoader(dataset.val, batch_sampler=StridedBatchSampler(dataset.val, batch_size, rank, world_size), **common)
     return train, val

@@ -5,6 +5,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,26 @@ from src.distributed import all_reduce_sum, is_main_process
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module], Tensor]
+
+
+class NonFiniteLossError(ArithmeticError):
+    """The training loss became NaN or infinite; the weights after that step are unusable."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        self.epoch, self.step, self.value = epoch, step, value
+        super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}")
+
+
+@dataclass
+class EpochState:
+    """How far an epoch has got: optimizer steps done and the running sums behind its loss and
+    accuracy (over every process). A checkpoint written mid-epoch keeps it, so the resumed epoch
+    reports exactly what an uninterrupted one would."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: int = 0
 
 
 class Progress:
@@ -50,10 +71,11 @@ class Progress:
 class RunningMean:
     """Sample-weighted running averages of loss and accuracy, kept on the device (no per-step sync)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        self.correct = torch.zeros((), device=device, dtype=torch.float64)
-        self.count = 0
+    def __init__(self, device: torch.device, start: EpochState | None = None) -> None:
+        start = start or EpochState()
+        self.loss_sum = torch.tensor(start.loss_sum, device=device, dtype=torch.float64)
+        self.correct = torch.tensor(start.correct, device=device, dtype=torch.float64)
+        self.count = start.count
 
     def add(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
         batch = targets.shape[0]
@@ -61,11 +83,24 @@ class RunningMean:
         self.correct += (logits.detach().argmax(dim=1) == targets).sum()
         self.count += batch
 
-    def result(self) -> dict[str, float]:
-        """Averages over the samples of every process."""
+    def totals(self) -> tuple[float, float, int]:
+        """(loss sum, correct predictions, samples) over every process."""
         totals = torch.stack([self.loss_sum, self.correct, self.loss_sum.new_tensor(self.count)])
         loss_sum, correct, count = all_reduce_sum(totals).tolist()
+        return loss_sum, correct, int(count)
+
+    def result(self) -> dict[str, float]:
+        """Averages over the samples of every process."""
+        loss_sum, correct, count = self.totals()
         return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
+
+
+def raise_if_nonfinite(losses: Tensor, epoch: int, first_step: int) -> None:
+    """``losses`` holds the per-step losses of steps ``first_step, first_step + 1, ...``."""
+    bad = torch.nonzero(~torch.isfinite(losses))
+    if len(bad):
+        index = int(bad[0])
+        raise NonFiniteLossError(epoch, first_step + index, float(losses[index]))
 
 
 def train(
@@ -77,16 +112,26 @@ def train(
     device: torch.device | str,
     loss_fns: Sequence[LossFn] | None = None,
     log_interval: int = 50,
+    state: EpochState | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for one epoch; the loss is criterion + sum of ``loss_fns(model)``.
 
-    Returns the sample-averaged total ``loss`` and training accuracy ``acc``.
+    Returns the sample-averaged total ``loss`` and training accuracy ``acc``. A ``state`` with
+    ``step > 0`` continues an interrupted epoch (``train_loader`` then yields only the batches
+    after that step) and is updated in place on return; ``stop(step)`` is asked after every step
+    and ends the epoch early when true. A NaN or infinite loss raises NonFiniteLossError, checked
+    wherever the loss is read anyway (progress lines) and at the end.
     """
     model.train()
     device = torch.device(device)
-    meter = RunningMean(device)
-    progress = Progress(train_loader, len(train_loader), f"epoch {epoch} train", log_interval)
-    for step, (inputs, targets) in enumerate(progress, start=1):
+    state = state if state is not None else EpochState()
+    first_step = state.step + 1
+    meter = RunningMean(device, state)
+    losses = torch.zeros(len(train_loader), device=device)
+    progress = Progress(train_loader, state.step + len(train_loader), f"epoch {epoch} train", log_interval)
+    step = state.step
+    for step, (inputs, targets) in enumerate(progress, start=first_step):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         logits = model(inputs)
@@ -97,9 +142,16 @@ def train(
         loss.backward()
         optimizer.step()
         meter.add(loss, logits, targets)
+        losses[step - first_step] = loss.detach()
         if progress.interactive or step % log_interval == 0 or step == progress.total:
+            raise_if_nonfinite(losses[: step - first_step + 1], epoch, first_step)
             progress.update(step, loss=loss.item())
+        if stop is not None and stop(step):
+            break
     progress.close()
+    raise_if_nonfinite(losses[: step - first_step + 1], epoch, first_step)
+    state.step = step
+    state.loss_sum, state.correct, state.count = meter.totals()
     return meter.result()
 
 
