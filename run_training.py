@@ -15,12 +15,13 @@ from torch import nn
 
 from src import distributed
 from src.checkpoint import save_checkpoint
-from src.compression import layer_stats, summary
+from src.compression import CompressionMonitor
 from src.config import ConfigError, TrainConfig, config_to_dict, load_config
 from src.data import DATASET_REGISTRY, build_loaders
 from src.experiment import (build_loss_terms, build_model, build_optimizer, build_scheduler, resolve_device,
                             run_name, seed_everything)
 from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
+from src.report import write_run_report
 from src.tracking import RunTracker
 from src.train import train, validate
 
@@ -68,6 +69,7 @@ def train_and_evaluate(config: TrainConfig, device: torch.device) -> Path:
     tracker = RunTracker(run_dir, name, config.wandb_project, resolved)
     forward_model = torch.compile(model) if config.use_compile else model
     train_model = distributed.wrap(forward_model, device)
+    compression_monitor = CompressionMonitor(model, val_loader.dataset[0][0])
 
     best_val_acc, compression = 0.0, {}
     for epoch in range(1, config.epochs + 1):
@@ -78,7 +80,7 @@ def train_and_evaluate(config: TrainConfig, device: torch.device) -> Path:
         # Unwrapped: each process validates its own batches, and DDP would sync buffers in every forward.
         val_metrics = validate(val_loader, forward_model, criterion, device, log_interval=config.log_interval)
         scheduler.step()
-        compression = summary(layer_stats(model))
+        compression = compression_monitor.epoch_metrics()
         record = {"epoch": epoch, "loss": train_metrics["loss"], "train_acc": train_metrics["acc"],
                   "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"], "lr": lr, **compression}
         tracker.log(record)
@@ -94,6 +96,8 @@ def train_and_evaluate(config: TrainConfig, device: torch.device) -> Path:
         log.info("epoch %d/%d loss %.4f train_acc %.4f val_acc %.4f%s", epoch, config.epochs, record["loss"],
                  record["train_acc"], record["val_acc"],
                  f" sparsity {compression['sparsity']:.4f} bits {compression['mean_bits']:.2f}" if compression else "")
+    if distributed.is_main_process():
+        write_run_report(run_dir, compression_monitor, resolved, tracker)
     tracker.finish({"best_val_acc": best_val_acc, **compression})
     sparsity = f" | sparsity {compression['sparsity']:.2%}" if compression else ""
     if distributed.is_main_process():

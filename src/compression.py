@@ -1,52 +1,341 @@
-"""Compression read-outs of a quantized model: per-layer bit-width, dead zone, step and sparsity."""
+"""Compression read-outs of a model: per-layer bit-width, dead zone, step, sparsity, MACs, BOPs and size.
+
+Every definition (which layers count, BOPs, the structured column, size accounting) is written out
+in docs/compression.md; this module is its implementation.
+"""
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from src.utils_quantization import quantized_layers
+from src.utils_quantization import FakeQuantParametrization, latent_weight, quantized_layers
+
+MAC_LAYERS = (nn.Conv2d, nn.Linear)
+FP32_BITS = 32
+# Activations are not quantized: every MAC multiplies by a 32-bit activation (paper, Eqs. 20-22).
+ACTIVATION_BITS = 32
+# Per quantized layer the step s and the offset delta, as float32.
+SCALE_BYTES = 8
+# A probe channel counts as constant when its spread across samples is below this share of the
+# tensor's largest magnitude; float64 rounding stays many orders below it, live channels far above.
+CONSTANT_TOLERANCE = 1e-9
+PROBE_SAMPLES = 3
 
 
 @dataclass
 class LayerStats:
+    """One counted layer. ``bits`` is 32 and ``deadzone``/``step`` are None for layers left in FP32."""
+
     name: str
+    kind: str
+    quantized: bool
     bits: float
-    deadzone: float
-    step: float
+    deadzone: float | None
+    step: float | None
     numel: int
     nonzero: int
+    macs: int = 0
+    structured_macs: int | None = None
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - self.nonzero / max(self.numel, 1)
+        return 1.0 - self.density
+
+    @property
+    def density(self) -> float:
+        return self.nonzero / max(self.numel, 1)
+
+    @property
+    def bops(self) -> float:
+        return self.density * self.macs * self.bits * ACTIVATION_BITS
+
+    @property
+    def dense_bops(self) -> int:
+        return self.macs * FP32_BITS * ACTIVATION_BITS
+
+    @property
+    def structured_bops(self) -> float | None:
+        if self.structured_macs is None:
+            return None
+        return self.structured_macs * self.bits * ACTIVATION_BITS
+
+
+def quantizer_of(module: nn.Module) -> nn.Module | None:
+    """The weight quantizer attached to ``module``, or None."""
+    if parametrize.is_parametrized(module, "weight"):
+        for parametrization in module.parametrizations.weight:
+            if isinstance(parametrization, FakeQuantParametrization):
+                return parametrization.quantizer
+    return None
+
+
+def compressed_weight(module: nn.Module) -> Tensor:
+    """The weight as deployed: quantized by its quantizer (even while fake-quantization is toggled off)."""
+    quantizer = quantizer_of(module)
+    weight = latent_weight(module)
+    return (quantizer(weight) if quantizer is not None else weight).detach()
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The module's class name, without the wrapper class that parametrization injects."""
+    cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    return cls.__name__
+
+
+def counted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every quantized module and every Conv2d/Linear, in module order."""
+    return [(name, module) for name, module in model.named_modules()
+            if quantizer_of(module) is not None or isinstance(module, MAC_LAYERS)]
 
 
 @torch.no_grad()
-def layer_stats(model: nn.Module) -> list[LayerStats]:
-    """One entry per quantized layer, measured on its current fake-quantized weight."""
+def layer_stats(model: nn.Module, macs: dict[str, int] | None = None,
+                structured_macs: dict[str, int] | None = None) -> list[LayerStats]:
+    """One entry per counted module, measured on its current compressed weight."""
+    macs, structured_macs = macs or {}, structured_macs or {}
     stats = []
-    for name, module, parametrization in quantized_layers(model):
-        latent = module.parametrizations.weight.original
-        quantized = parametrization.quantizer(latent)
-        readout = parametrization.quantizer.stats(latent)
-        stats.append(LayerStats(name, readout["bits"], readout["deadzone"], readout["step"],
-                                quantized.numel(), int(torch.count_nonzero(quantized))))
+    for name, module in counted_modules(model):
+        quantizer = quantizer_of(module)
+        weight = compressed_weight(module)
+        if quantizer is not None:
+            readout = quantizer.stats(latent_weight(module))
+            bits, deadzone, step = readout["bits"], readout["deadzone"], readout["step"]
+        else:
+            bits, deadzone, step = float(FP32_BITS), None, None
+        stats.append(LayerStats(name, layer_kind(module), quantizer is not None, bits, deadzone, step,
+                                weight.numel(), int(torch.count_nonzero(weight)), macs.get(name, 0),
+                                structured_macs.get(name)))
     return stats
 
 
 def summary(stats: list[LayerStats]) -> dict[str, float]:
-    """Global sparsity (share of all quantized weights that are zero), mean layer sparsity and bit-width."""
-    if not stats:
-        return {}
-    total = sum(s.numel for s in stats)
-    return {
-        "sparsity": 1.0 - sum(s.nonzero for s in stats) / total,
-        "mean_layer_sparsity": sum(s.sparsity for s in stats) / len(stats),
-        "mean_bits": sum(s.bits for s in stats) / len(stats),
-    }
+    """Sparsity and bit-width over the quantized layers; Rel. BOPs over every MAC layer once MACs are known."""
+    result: dict[str, float] = {}
+    quantized = [s for s in stats if s.quantized]
+    if quantized:
+        total = sum(s.numel for s in quantized)
+        result["sparsity"] = 1.0 - sum(s.nonzero for s in quantized) / total
+        result["mean_layer_sparsity"] = sum(s.sparsity for s in quantized) / len(quantized)
+        result["mean_bits"] = sum(s.bits for s in quantized) / len(quantized)
+    dense_bops = sum(s.dense_bops for s in stats)
+    if dense_bops:
+        result["rel_bops"] = sum(s.bops for s in stats) / dense_bops
+        if all(s.structured_bops is not None for s in stats if s.macs):
+            result["rel_bops_structured"] = sum(s.structured_bops or 0.0 for s in stats) / dense_bops
+    return result
 
 
 def as_rows(stats: list[LayerStats]) -> list[dict]:
-    return [{**asdict(s), "sparsity": s.sparsity} for s in stats]
+    return [{**asdict(s), "sparsity": s.sparsity, "bops": s.bops, "dense_bops": s.dense_bops,
+             "structured_bops": s.structured_bops} for s in stats]
+
+
+def single_sample(example: Tensor) -> Tensor:
+    """``example`` as a batch of one: accepts one item ``[C, H, W]`` or a batch whose first item is used."""
+    return example[:1] if example.dim() == 4 else example.unsqueeze(0)
+
+
+def dense_macs(module: nn.Module, inputs: Tensor, output: Tensor) -> int:
+    """Multiply-accumulates of one call on a batch of one, with every weight non-zero."""
+    if isinstance(module, nn.Conv2d):
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        return module.in_channels // module.groups * module.out_channels * kernel * output.shape[-2] * output.shape[-1]
+    positions = inputs.numel() // module.in_features
+    return module.in_features * module.out_features * positions
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: Tensor) -> dict[str, int]:
+    """Dense MACs per Conv2d/Linear for one input sample, measured with forward hooks.
+
+    The model runs once in eval mode (no BatchNorm statistics change) and returns to its mode after.
+    """
+    macs: dict[str, int] = {}
+
+    def recorder(name: str):
+        def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            macs[name] = macs.get(name, 0) + dense_macs(module, inputs[0], output)
+        return record
+
+    handles = [module.register_forward_hook(recorder(name))
+               for name, module in model.named_modules() if isinstance(module, MAC_LAYERS)]
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        model(single_sample(example).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return macs
+
+
+def inference_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of the plain model the compressed one deploys as: quantized weights in place of
+    latent ones, no quantizer parameters. It loads into ``create_model(...)`` without quantizers."""
+    state = {key: tensor for key, tensor in model.state_dict().items() if "parametrizations." not in key}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            state[f"{name}.weight" if name else "weight"] = compressed_weight(module)
+    return state
+
+
+def structural_probe(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A float64 CPU copy of ``model`` with its compressed zero pattern and positive random values elsewhere.
+
+    Zeros of every parameter stay zero; every other entry becomes a positive random value, each row of
+    a weight (dim >= 2) normalised by its number of non-zeros so magnitudes neither explode nor vanish.
+    BatchNorm statistics become mean 0, variance 1. With positive values nothing cancels and no ReLU
+    shuts, so a channel is constant across inputs only when the zero pattern makes it so.
+    """
+    state = inference_state(model)
+    probe = copy.deepcopy(model)
+    for name, module in probe.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    probe.load_state_dict(state)
+    probe = probe.to("cpu", torch.float64).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in probe.parameters():
+            values = (torch.rand(parameter.shape, generator=generator, dtype=torch.float64) + 0.5) * (parameter != 0)
+            if parameter.dim() >= 2:
+                live = values.flatten(1).count_nonzero(1).clamp_min(1)
+                values /= live.view(-1, *[1] * (parameter.dim() - 1))
+            parameter.copy_(values)
+        for module in probe.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+    return probe
+
+
+def channel_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.Conv2d) else -1
+
+
+@torch.no_grad()
+def null_input_channels(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
+    """For every Conv2d/Linear that runs: a bool mask of its input channels that do not depend on the input.
+
+    Measured on ``structural_probe(model)`` with a few random positive inputs of ``example``'s shape:
+    a channel is null when it takes the same value for every sample at every position.
+    """
+    probe = structural_probe(model)
+    captured: dict[str, Tensor] = {}
+
+    def recorder(name: str, module: nn.Module):
+        def record(_: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            values = inputs[0].movedim(channel_dim(module), -1)
+            spread = (values.amax(0) - values.amin(0)).reshape(-1, values.shape[-1]).amax(0)
+            constant = spread <= CONSTANT_TOLERANCE * values.abs().max()
+            # A layer called more than once has a null channel only when every call agrees.
+            captured[name] = captured[name] & constant if name in captured else constant
+        return record
+
+    handles = [module.register_forward_pre_hook(recorder(name, module))
+               for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
+    generator = torch.Generator().manual_seed(1)
+    sample = single_sample(example)
+    inputs = torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
+    try:
+        probe(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def structured_macs(model: nn.Module, example: Tensor, macs: dict[str, int]) -> dict[str, int]:
+    """MACs per Conv2d/Linear left after removing whole null output channels and null input channels."""
+    null_inputs = null_input_channels(model, example)
+    result = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, MAC_LAYERS):
+            continue
+        weight = compressed_weight(module)
+        groups = module.groups if isinstance(module, nn.Conv2d) else 1
+        out_channels, in_per_group = weight.shape[0], weight.shape[1]
+        live_out = weight.flatten(1).ne(0).any(1).view(groups, -1).sum(1)
+        null_in = null_inputs.get(name, torch.zeros(in_per_group * groups, dtype=torch.bool))
+        live_in = (~null_in.cpu()).view(groups, -1).sum(1)
+        # MACs of one (input channel, output channel) pair: kernel size times output positions.
+        pair_macs = macs.get(name, 0) // (in_per_group * out_channels)
+        result[name] = int((live_in * live_out.cpu()).sum()) * pair_macs
+    return result
+
+
+@dataclass
+class ModelSize:
+    fp32_bytes: int
+    compressed_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / max(self.compressed_bytes, 1)
+
+
+def sparse_layout_is_smaller(numel: int, nonzero: int, bits: int) -> bool:
+    """Whether a bitmap plus the non-zero codes beats every code packed densely."""
+    return packed_code_bytes(numel, nonzero, bits, sparse=True) < packed_code_bytes(numel, nonzero, bits, sparse=False)
+
+
+def packed_code_bytes(numel: int, nonzero: int, bits: int, sparse: bool) -> int:
+    """Bytes of a layer's codes at ``bits`` each: dense (all ``numel``) or sparse (bitmap + ``nonzero`` codes)."""
+    if sparse:
+        return math.ceil(nonzero * bits / 8) + math.ceil(numel / 8)
+    return math.ceil(numel * bits / 8)
+
+
+def quantized_layer_bytes(numel: int, nonzero: int, bits: int) -> int:
+    """Stored size of one quantized weight: the smaller layout of its codes plus its step and offset."""
+    sparse = sparse_layout_is_smaller(numel, nonzero, bits)
+    return packed_code_bytes(numel, nonzero, bits, sparse) + SCALE_BYTES
+
+
+@torch.no_grad()
+def model_size(model: nn.Module) -> ModelSize:
+    """FP32 bytes of the deployable model against its compressed bytes (see docs/compression.md)."""
+    state = inference_state(model)
+    quantized = {f"{name}.weight" if name else "weight": module for name, module, _ in quantized_layers(model)}
+    fp32 = compressed = 0
+    for key, tensor in state.items():
+        fp32 += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+        if key in quantized:
+            bits = round(quantizer_of(quantized[key]).stats(latent_weight(quantized[key]))["bits"])
+            compressed += quantized_layer_bytes(tensor.numel(), int(torch.count_nonzero(tensor)), bits)
+        else:
+            compressed += tensor.numel() * tensor.element_size()
+    return ModelSize(fp32, compressed)
+
+
+class CompressionMonitor:
+    """Compression read-outs during a run: MACs are measured once, densities and bit-widths per call."""
+
+    def __init__(self, model: nn.Module, example: Tensor) -> None:
+        self.model = model
+        self.example = single_sample(example).detach().cpu()
+        self.macs = count_macs(model, self.example)
+
+    def stats(self, structured: bool = False) -> list[LayerStats]:
+        extra = structured_macs(self.model, self.example, self.macs) if structured else None
+        return layer_stats(self.model, self.macs, extra)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Flat metrics for one epoch's record: summary plus ``layer_bits/<name>`` and ``layer_sparsity/<name>``.
+
+        Empty for a model without quantizers: its compression does not change during training.
+        """
+        stats = self.stats()
+        quantized = [s for s in stats if s.quantized]
+        if not quantized:
+            return {}
+        return {**summary(stats),
+                **{f"layer_bits/{s.name}": s.bits for s in quantized},
+                **{f"layer_sparsity/{s.name}": s.sparsity for s in quantized}}

@@ -1,0 +1,235 @@
+"""The compressed model on disk: bit-packed integer codes, per-layer step and offset, a sparse index.
+
+    python -m src.export CHECKPOINT OUT
+
+A quantized weight is stored as its integer codes c in [-Q, Q] (Q = 2^(b-1) - 1), each as c + Q in
+b bits, little-endian bit order, packed into bytes; either every code (dense layout) or a bitmap of
+the non-zero positions followed by the non-zero codes only (sparse layout), whichever is smaller.
+It decodes as ``sign(c) * offset + step * c`` in the weight's dtype: bit for bit the quantizer's output.
+Every other tensor of the plain model is stored as it is. The file is a ``torch.save`` of plain types
+and tensors only, so ``torch.load(..., weights_only=True)`` reads it (no arbitrary unpickling):
+
+    {"format": "codeq-export", "version": 1, "config": <the run's config>,
+     "quantized": {state key: {shape, dtype, bits, step, offset, sparse, nonzero, start, mask_bytes, code_bytes}},
+     "codes": uint8 tensor, every layer's bytes back to back from its ``start``,
+     "tensors": {dtype name: one flat tensor}, "tensor_index": {state key: [dtype name, start, shape]}}
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from src.checkpoint import CheckpointError, save_checkpoint
+from src.compression import (SCALE_BYTES, compressed_weight, inference_state, model_size, packed_code_bytes,
+                             quantizer_of, sparse_layout_is_smaller)
+from src.config import ConfigError
+from src.data import DATASET_REGISTRY
+from src.models import create_model
+from src.quantizer import DeadZoneLDZCompander, UniformSymmetric, levels
+from src.report import model_from_checkpoint, resolve_checkpoint
+from src.utils_quantization import latent_weight
+
+FORMAT = "codeq-export"
+VERSION = 1
+EXIT_BAD_INPUT = 2
+
+
+class ExportError(ValueError):
+    pass
+
+
+def dead_zone_offset(readout: dict[str, float], step: Tensor) -> Tensor:
+    # The dead-zone quantizer's offset delta = d/2 - s/2, computed as it does in the weight's dtype.
+    deadzone = torch.tensor(readout["deadzone"], dtype=step.dtype)
+    return deadzone / 2 - step / 2
+
+
+def no_offset(readout: dict[str, float], step: Tensor) -> Tensor:
+    return torch.zeros((), dtype=step.dtype)
+
+
+# How each quantizer's offset follows from its read-outs; a quantizer without a rule cannot be exported.
+OFFSET_RULES: dict[type, Callable[[dict[str, float], Tensor], Tensor]] = {
+    DeadZoneLDZCompander: dead_zone_offset,
+    UniformSymmetric: no_offset,
+}
+
+
+def pack_bits(values: Tensor, bits: int) -> Tensor:
+    """Non-negative integers below 2**bits as a uint8 tensor of ceil(n * bits / 8) bytes."""
+    shifts = torch.arange(bits, dtype=torch.uint8)
+    flat = ((values.reshape(-1, 1).to(torch.uint8) >> shifts) & 1).flatten()
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
+    return (flat.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
+    """The first ``count`` values of ``pack_bits(values, bits)`` as int64."""
+    flat = ((packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[: count * bits]
+    return (flat.view(count, bits).long() << torch.arange(bits)).sum(1)
+
+
+def decode_weight(codes: Tensor, step: Tensor, offset: Tensor) -> Tensor:
+    codes = codes.to(step.dtype)
+    return torch.sign(codes) * offset + step * codes
+
+
+def layer_codes(module: nn.Module) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(integer codes, step, offset, bits) of a quantized module; they decode to its weight exactly."""
+    quantizer = quantizer_of(module)
+    rule = OFFSET_RULES.get(type(quantizer))
+    if rule is None:
+        raise ExportError(f"no export rule for quantizer {type(quantizer).__name__}; add one to OFFSET_RULES")
+    weight = compressed_weight(module).cpu()
+    readout = quantizer.stats(latent_weight(module))
+    bits = round(readout["bits"])
+    step = torch.tensor(readout["step"], dtype=weight.dtype)
+    offset = rule(readout, step)
+    signed = weight.double() - torch.sign(weight).double() * offset.double()
+    codes = torch.round(signed / step.double()).long()
+    if codes.abs().max() > levels(bits) or not torch.equal(decode_weight(codes, step, offset), weight):
+        raise ExportError(f"{type(quantizer).__name__} output is not sign(c)*offset + step*c with codes in "
+                          f"[-{levels(bits)}, {levels(bits)}]; its OFFSET_RULES entry is out of date")
+    return codes, step, offset, bits
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def export_payload(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """The exported file's content for ``model`` (quantizers attached) and its run config."""
+    state = inference_state(model)
+    quantized, chunks, start = {}, [], 0
+    for name, module in model.named_modules():
+        if quantizer_of(module) is None:
+            continue
+        key = f"{name}.weight" if name else "weight"
+        codes, step, offset, bits = layer_codes(module)
+        flat = codes.flatten()
+        nonzero = int(torch.count_nonzero(flat))
+        sparse = sparse_layout_is_smaller(flat.numel(), nonzero, bits)
+        mask = pack_bits(flat != 0, 1) if sparse else torch.empty(0, dtype=torch.uint8)
+        packed = pack_bits((flat[flat != 0] if sparse else flat) + levels(bits), bits)
+        assert mask.numel() + packed.numel() == packed_code_bytes(flat.numel(), nonzero, bits, sparse)
+        quantized[key] = {"shape": list(codes.shape), "dtype": dtype_name(step.dtype), "bits": bits,
+                          "step": step.item(), "offset": offset.item(), "sparse": sparse, "nonzero": nonzero,
+                          "start": start, "mask_bytes": mask.numel(), "code_bytes": packed.numel()}
+        chunks += [mask, packed]
+        start += mask.numel() + packed.numel()
+    flat_tensors: dict[str, list[Tensor]] = {}
+    tensor_index, offsets = {}, {}
+    for key, tensor in state.items():
+        if key in quantized:
+            continue
+        kind = dtype_name(tensor.dtype)
+        tensor_index[key] = [kind, offsets.get(kind, 0), list(tensor.shape)]
+        offsets[kind] = offsets.get(kind, 0) + tensor.numel()
+        flat_tensors.setdefault(kind, []).append(tensor.detach().cpu().reshape(-1))
+    return {"format": FORMAT, "version": VERSION, "config": config, "quantized": quantized,
+            "codes": torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8),
+            "tensors": {kind: torch.cat(parts) for kind, parts in flat_tensors.items()},
+            "tensor_index": tensor_index}
+
+
+def decode_state(payload: dict[str, Any]) -> dict[str, Tensor]:
+    """The plain model's state dict from an export payload."""
+    state = {}
+    for key, (kind, start, shape) in payload["tensor_index"].items():
+        numel = torch.Size(shape).numel()
+        state[key] = payload["tensors"][kind][start:start + numel].view(shape).clone()
+    for key, layer in payload["quantized"].items():
+        numel = torch.Size(layer["shape"]).numel()
+        begin = layer["start"]
+        mask_bytes = payload["codes"][begin:begin + layer["mask_bytes"]]
+        code_bytes = payload["codes"][begin + layer["mask_bytes"]:begin + layer["mask_bytes"] + layer["code_bytes"]]
+        count = layer["nonzero"] if layer["sparse"] else numel
+        values = unpack_bits(code_bytes, layer["bits"], count) - levels(layer["bits"])
+        if layer["sparse"]:
+            codes = torch.zeros(numel, dtype=torch.long)
+            codes[unpack_bits(mask_bytes, 1, numel).bool()] = values
+        else:
+            codes = values
+        dtype = getattr(torch, layer["dtype"])
+        state[key] = decode_weight(codes.view(layer["shape"]), torch.tensor(layer["step"], dtype=dtype),
+                                   torch.tensor(layer["offset"], dtype=dtype))
+    return state
+
+
+def load_export(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ExportError(f"{path} does not exist; pass a file written by `python -m src.export`") from None
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ExportError(f"{path} is not a readable export ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != VERSION:
+        raise ExportError(f"{path} is not a {FORMAT} v{VERSION} file; export the checkpoint again")
+    return payload
+
+
+def model_from_export(path: Path) -> nn.Module:
+    """The plain (quantizer-free) model holding the exported weights; it computes what the fake-quantized one did."""
+    payload = load_export(path)
+    config = payload["config"]
+    model = create_model(config["model"], num_classes=DATASET_REGISTRY[config["dataset"]].num_classes,
+                         img_size=config["img_size"])
+    model.load_state_dict(decode_state(payload))
+    return model.eval()
+
+
+def export_model(model: nn.Module, config: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write ``model`` to ``out``, read it back and check every tensor decodes bit for bit."""
+    payload = export_payload(model, config)
+    save_checkpoint(payload, out)
+    expected = inference_state(model)
+    decoded = decode_state(load_export(out))
+    mismatched = [key for key, tensor in expected.items() if key not in decoded or not torch.equal(decoded[key], tensor.cpu())]
+    if mismatched or decoded.keys() != expected.keys():
+        out.unlink()
+        raise ExportError(f"round trip failed for {', '.join(mismatched) or 'the set of tensors'}; nothing written")
+    return payload
+
+
+def size_lines(model: nn.Module, out: Path, checkpoint: Path) -> list[str]:
+    size = model_size(model)
+    written = out.stat().st_size
+    return [
+        f"wrote {out}: {written:,} B ({size.compressed_bytes:,} B compressed weights, "
+        f"{written - size.compressed_bytes:,} B of names, config and container)",
+        f"FP32 model {size.fp32_bytes:,} B: {size.fp32_bytes / written:.2f}x larger than the export; "
+        f"checkpoint {checkpoint} {checkpoint.stat().st_size:,} B (with optimizer state)",
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="last.pt or best.pt of a run (or the run directory)")
+    parser.add_argument("out", type=Path, help="file to write, e.g. model.codeq")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    try:
+        model, config, _ = model_from_checkpoint(checkpoint)
+        export_model(model, config, args.out)
+    except ConfigError as error:
+        print(error.line(), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (CheckpointError, ExportError) as error:
+        print(f"export error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("\n".join(size_lines(model, args.out, checkpoint)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
