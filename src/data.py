@@ -5,8 +5,8 @@ items are ``(image [3, img_size, img_size] float tensor, label int)``.
 """
 from __future__ import annotations
 
-import itertools
 import importlib
+import itertools
 import pickle
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ CIFAR10_TEST_FILES = ["test_batch"]
 SAFE_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
 }
 
 
