@@ -97,6 +97,8 @@ class TrainConfig(Section):
     seed: int = Field(42, description="seed for python, numpy, torch and the data order")
     save_dir: str = Field("runs", description="run directories are created under it")
     log_interval: int = Field(50, ge=1, description="steps between progress lines when stdout is not a terminal")
+    run_name: str | None = Field(None, pattern=r"^[\w.=+-]+$", description="name of the run directory and W&B run; "
+                                 "null: `<model>_<quantizer><bits>b_e<epochs>_lr<lr>` (+ `_gb<global batch>` under DDP)")
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod

@@ -53,8 +53,10 @@ def nominal_bits(config: TrainConfig, quantizers: dict[str, type]) -> int:
 
 
 def run_name(config: TrainConfig, quantizers: dict[str, type], world_size: int = 1) -> str:
-    """``<model>_<quantizer><bits>b_e<epochs>_lr<lr>``; a multi-process run appends ``_gb<global batch>``
-    (batch_size is per process), so runs with different global batches never share a directory."""
+    """The config's ``run_name``, else ``<model>_<quantizer><bits>b_e<epochs>_lr<lr>``; a multi-process run
+    appends ``_gb<global batch>`` (batch_size is per process), so different global batches never share a directory."""
+    if config.run_name is not None:
+        return config.run_name
     lr = f"{config.optimizer.param_groups.base.lr:g}"
     scheme = "baseline" if config.quantizer is None else f"{config.quantizer.name}{nominal_bits(config, quantizers)}b"
     global_batch = f"_gb{config.batch_size * world_size}" if world_size > 1 else ""
