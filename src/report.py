@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from src.checkpoint import CheckpointError, load_checkpoint
+from src.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from src.compression import CompressionMonitor, as_rows, model_size, summary
 from src.config import ConfigError, validate_config
 from src.data import DATASET_REGISTRY
@@ -220,15 +220,9 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], dict[s
     from run_training import QUANTIZER_REGISTRY  # imported here: run_training imports this module
 
     checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
-        raise CheckpointError(f"{path} has no 'model' and 'config' entries; pass a last.pt or best.pt of a run")
     config = validate_config(checkpoint["config"], QUANTIZER_REGISTRY)
     model, _ = build_model(config, DATASET_REGISTRY[config.dataset].num_classes, QUANTIZER_REGISTRY)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit {config.model} ({str(error).splitlines()[0]}); "
-                              f"pass a checkpoint written by run_training.py") from None
+    load_model_state(model, checkpoint["model"], path)
     return model, checkpoint["config"], checkpoint
 
 
