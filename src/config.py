@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from src.data import DATASET_REGISTRY
 from src.models import MODEL_REGISTRY
@@ -29,6 +30,10 @@ class ConfigError(ValueError):
         where = f"{self.source}: " if self.source else ""
         key = f"{self.key}: " if self.key else ""
         return f"config error: {where}{key}{self.problem}; {self.fix}"
+
+
+# Marks a key that only says how a run executes, not what it computes: it may differ when a run resumes.
+RUNTIME = {"runtime": True}
 
 
 class Section(BaseModel):
@@ -79,13 +84,14 @@ class SchedulerConfig(Section):
 
 class TrainConfig(Section):
     model: str = Field(description="model from MODEL_REGISTRY (resnet20/32/44/56/110, vit, mlp)")
-    epochs: int = Field(ge=1, description="training epochs (also the cosine T_max)")
+    epochs: int = Field(ge=1, description="training epochs (also the cosine T_max)", json_schema_extra=RUNTIME)
     batch_size: int = Field(ge=1, description="batch size per process")
     img_size: int = Field(32, ge=1, description="input resolution the data is resized to")
-    device: str = Field("cpu", description="cpu, cuda, cuda:N or mps; `--device` overrides it")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or mps; `--device` overrides it",
+                        json_schema_extra=RUNTIME)
     wandb_project: str | None = Field(None, description="W&B project; null disables W&B")
-    workers: int = Field(4, ge=0, description="data-loader worker processes")
-    use_compile: bool = Field(False, description="wrap the model in torch.compile")
+    workers: int = Field(4, ge=0, description="data-loader worker processes", json_schema_extra=RUNTIME)
+    use_compile: bool = Field(False, description="wrap the model in torch.compile", json_schema_extra=RUNTIME)
     quantizer: QuantizerConfig | None = Field(None, description="weight quantizer; null trains the FP32 baseline")
     optimizer: OptimizerConfig = Field(description="optimizer and its parameter groups")
     loss_terms: list[LossTermConfig] = Field(default_factory=list, description="regularisers added to the loss")
@@ -93,10 +99,12 @@ class TrainConfig(Section):
         default_factory=SchedulerConfig, description="`cosine`, `constant`, or a mapping with `type` and `eta_min`"
     )
     dataset: str = Field("cifar10", description="data set from DATASET_REGISTRY: cifar10 or digits")
-    data_dir: str = Field("./data", description="where the data set lives or is downloaded to")
+    data_dir: str = Field("./data", description="where the data set lives or is downloaded to",
+                          json_schema_extra=RUNTIME)
     seed: int = Field(42, description="seed for python, numpy, torch and the data order")
-    save_dir: str = Field("runs", description="run directories are created under it")
-    log_interval: int = Field(50, ge=1, description="steps between progress lines when stdout is not a terminal")
+    save_dir: str = Field("runs", description="run directories are created under it", json_schema_extra=RUNTIME)
+    log_interval: int = Field(50, ge=1, description="steps between progress lines when stdout is not a terminal",
+                              json_schema_extra=RUNTIME)
     run_name: str | None = Field(None, pattern=r"^[\w.=+-]+$", description="name of the run directory and W&B run; "
                                  "null: `<model>_<quantizer><bits>b_e<epochs>_lr<lr>` (+ `_gb<global batch>` under DDP)")
 
@@ -113,7 +121,7 @@ class TrainConfig(Section):
         check_choice("dataset", self.dataset, DATASET_REGISTRY)
         for index, term in enumerate(self.loss_terms):
             check_choice(f"loss_terms.{index}.name", term.name, LOSS_REGISTRY)
-            check_kwargs(f"loss_terms.{index}.kwargs", LOSS_REGISTRY[term.name], term.kwargs, skip=1)
+            term.kwargs = check_kwargs(f"loss_terms.{index}.kwargs", LOSS_REGISTRY[term.name], term.kwargs, skip=1)
         return self
 
 
@@ -122,8 +130,9 @@ def check_choice(key: str, value: str, registry: dict[str, Any]) -> None:
         raise ConfigError(key, f"unknown name {value!r}", f"choose one of: {', '.join(registry)}")
 
 
-def check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int = 0) -> None:
-    """Check ``kwargs`` against ``target``'s signature, ignoring its first ``skip`` parameters."""
+def check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int = 0) -> dict[str, Any]:
+    """Check ``kwargs`` against ``target``'s signature (names, required ones, annotated types),
+    ignoring its first ``skip`` parameters; returns them converted to the annotated types."""
     params = list(inspect.signature(target).parameters.values())[skip:]
     accepted = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     for name in kwargs:
@@ -132,6 +141,24 @@ def check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int = 0) -
     for name, param in accepted.items():
         if param.default is inspect.Parameter.empty and name not in kwargs:
             raise ConfigError(f"{key}.{name}", "required argument missing", f"add `{name}: <value>` under {key}")
+    hints = typing.get_type_hints(target)
+    converted = dict(kwargs)
+    for name, value in kwargs.items():
+        if name not in hints:
+            continue
+        try:
+            converted[name] = TypeAdapter(hints[name]).validate_python(value)
+        except ValidationError as error:
+            problem = f"{error.errors()[0]['msg'].lower()} (got {value!r})"
+            fix = f"{target.__qualname__} takes {name}: {annotation_text(hints[name])}"
+            raise ConfigError(f"{key}.{name}", problem, fix) from None
+    return converted
+
+
+def annotation_text(annotation: Any) -> str:
+    """A type annotation as a reader writes it: ``int``, ``str | None``, ``list[LossTermConfig]``."""
+    text = str(annotation).replace("typing.", "").replace("src.config.", "")
+    return text.replace("<class '", "").replace("'>", "")
 
 
 def suggest(name: str, choices: Any, prefix: str = "valid keys are") -> str:
@@ -146,28 +173,28 @@ def parse_overrides(overrides: list[str], data: dict[str, Any]) -> dict[str, Any
     for override in overrides:
         path, sep, text = override.partition("=")
         if not sep or not path or any(not part for part in path.split(".")):
-            raise ConfigError("--set", f"malformed override {override!r}", "write it as key.path=value")
+            raise ConfigError("--set", f"malformed override {override!r}", "write it as --set key.path=value")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
-            raise ConfigError("--set", f"value of {path} is not valid YAML: {text!r}", "quote it or fix the syntax")
+            raise ConfigError(path, f"--set value {text!r} is not valid YAML", "quote it or fix the syntax") from None
         node = data
         *parents, leaf = path.split(".")
         for depth, part in enumerate(parents):
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {path}", f"no list element {part}", f"use an index below {len(node)}")
+                    raise ConfigError(path, f"--set: no list element {part}", f"use an index below {len(node)}")
                 node = node[int(part)]
                 continue
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, (dict, list)):
-                raise ConfigError(f"--set {path}", f"{'.'.join(parents[:depth + 1])} is not a mapping", "set a leaf key")
+                raise ConfigError(path, f"--set: {'.'.join(parents[:depth + 1])} is not a mapping", "set a leaf key")
             node = child
         if isinstance(node, list):
             if not leaf.isdigit() or int(leaf) >= len(node):
-                raise ConfigError(f"--set {path}", f"no list element {leaf}", f"use an index below {len(node)}")
+                raise ConfigError(path, f"--set: no list element {leaf}", f"use an index below {len(node)}")
             node[int(leaf)] = value
         else:
             node[leaf] = value
@@ -181,11 +208,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError("", "file not found", "pass an existing YAML file to --config", source)
     try:
         data = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError("", f"cannot read the file ({type(error).__name__})", "check its permissions and encoding",
+                          source) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError("", f"YAML syntax error at {where}{problem}", "fix the YAML syntax", source)
+        raise ConfigError("", f"YAML syntax error at {where}{problem}", "fix the YAML syntax", source) from None
     if data is None:
         raise ConfigError("", "the file is empty", "start from configs/quickstart.yaml", source)
     if not isinstance(data, dict):
@@ -204,12 +234,29 @@ def validation_error_to_config_error(error: ValidationError) -> ConfigError:
             parent = section_class(parent, part) or parent
         names = [f.alias or n for n, f in parent.model_fields.items()]
         return ConfigError(key, "unknown key", suggest(str(first["loc"][-1]), names))
-    if kind == "missing":
-        return ConfigError(key, "required key missing", "add it (see the YAML reference in README.md)")
     context = first.get("ctx", {})
     if "error" in context and isinstance(context["error"], ConfigError):
         return context["error"]
-    return ConfigError(key, f"{first['msg'].lower()} (got {first.get('input')!r})", "see the YAML reference in README.md")
+    field = field_at(first["loc"])
+    about = f"{first['loc'][-1]} is {annotation_text(field.annotation)}: {field.description}" if field else ""
+    if kind == "missing":
+        return ConfigError(key, "required key missing", f"add it ({about})" if about else "add it")
+    return ConfigError(key, f"{first['msg'].lower()} (got {first.get('input')!r})",
+                       about or "see the YAML reference in README.md")
+
+
+def field_at(loc: tuple[Any, ...]) -> Any:
+    """The schema field a pydantic error location points at (list indices skipped), or None."""
+    model: type[BaseModel] | None = TrainConfig
+    field = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or str(part) not in model.model_fields:
+            return None
+        field = model.model_fields[str(part)]
+        model = section_class(model, part)
+    return field
 
 
 def section_class(parent: type[BaseModel], part: Any) -> type[BaseModel] | None:
@@ -234,12 +281,21 @@ def validate_config(data: dict[str, Any], quantizers: dict[str, type]) -> TrainC
     if config.quantizer is not None:
         check_choice("quantizer.name", config.quantizer.name, quantizers)
         quantizer_cls = quantizers[config.quantizer.name]
-        check_kwargs("quantizer.kwargs", quantizer_cls.__init__, config.quantizer.kwargs, skip=1)
+        kwargs = check_kwargs("quantizer.kwargs", quantizer_cls.__init__, config.quantizer.kwargs, skip=1)
+        config.quantizer.kwargs = kwargs
         try:
-            quantizer_cls(**config.quantizer.kwargs)
+            quantizer_cls(**kwargs)
         except (TypeError, ValueError) as error:
-            raise ConfigError("quantizer.kwargs", str(error), "fix the value") from None
+            culprit = first_mentioned(str(error), kwargs or inspect.signature(quantizer_cls.__init__).parameters)
+            key = f"quantizer.kwargs.{culprit}" if culprit else "quantizer.kwargs"
+            raise ConfigError(key, str(error), f"set {key} within the allowed range") from None
     return config
+
+
+def first_mentioned(message: str, names: Any) -> str | None:
+    """The name in ``names`` that ``message`` mentions first (the argument an error is about)."""
+    positions = {name: message.find(name) for name in names if name in message}
+    return min(positions, key=positions.get) if positions else None
 
 
 def load_config(path: str | Path, quantizers: dict[str, type], overrides: list[str] | None = None) -> TrainConfig:
@@ -257,14 +313,36 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", by_alias=True)
 
 
+def runtime_keys() -> list[str]:
+    """Top-level keys marked RUNTIME: how a run executes, free to change when it resumes."""
+    return [name for name, field in TrainConfig.model_fields.items() if (field.json_schema_extra or {}).get("runtime")]
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [{"d": 2}]}`` -> ``{"a.b": 1, "c.0.d": 2}``."""
+    if not isinstance(data, (dict, list)) or not data:
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items() if isinstance(data, dict) else enumerate(data):
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_differences(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, run-time keys left out."""
+    runtime = set(runtime_keys())
+    mine, theirs = flatten(current), flatten(saved)
+    return [key for key in sorted(mine.keys() | theirs.keys())
+            if key.split(".")[0] not in runtime and mine.get(key, "<absent>") != theirs.get(key, "<absent>")]
+
+
 def yaml_reference(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
     """Markdown table rows documenting every key of ``model`` (recursing into sections)."""
     rows = []
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
-        type_name = str(field.annotation).replace("typing.", "").replace("src.config.", "")
-        type_name = type_name.replace("<class '", "").replace("'>", "")
+        type_name = annotation_text(field.annotation)
         rows.append(f"| `{key}` | {type_name} | {default} | {field.description or ''} |")
         nested = section_class(model, name)
         if nested is not None:

@@ -21,6 +21,9 @@ from src.utils_quantization import attach_weight_quantizers
 log = logging.getLogger(__name__)
 
 GROUP_MARKERS = {"dz": "logit_dz", "bit": "logit_bit"}
+OPTIMIZER_REGISTRY: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,7 +68,10 @@ def run_name(config: TrainConfig, quantizers: dict[str, type], world_size: int =
 
 def build_model(config: TrainConfig, num_classes: int, quantizers: dict[str, type]) -> tuple[nn.Module, list[str]]:
     """The model with its quantizers attached; returns it and the quantized layer names."""
-    model = create_model(config.model, num_classes=num_classes, img_size=config.img_size)
+    try:
+        model = create_model(config.model, num_classes=num_classes, img_size=config.img_size)
+    except ValueError as error:  # the model builders reject input sizes they cannot take
+        raise ConfigError("img_size", str(error), f"choose an img_size that {config.model} accepts") from None
     if config.quantizer is None:
         return model, []
     spec = config.quantizer
@@ -90,6 +96,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     parameters is dropped with a warning. Every trainable parameter lands in exactly one group.
     """
     options = config.optimizer.param_groups
+    optimizer_cls = OPTIMIZER_REGISTRY[config.optimizer.type]
+    accepted = inspect.signature(optimizer_cls).parameters
+    for group in ("base", *GROUP_MARKERS):
+        for option in getattr(options, group).optimizer_options() if getattr(options, group) else ():
+            if option not in accepted:  # torch would keep it in the group and silently ignore it
+                raise ConfigError(f"optimizer.param_groups.{group}.{option}",
+                                  f"{config.optimizer.type} has no option {option!r}",
+                                  "remove it or choose an optimizer type that takes it")
     members: dict[str, list[nn.Parameter]] = {"base": [], "dz": [], "bit": []}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -104,12 +118,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
             continue
         if not params:
             if group != "base":
-                log.warning("optimizer group %r is configured but the model has no %s parameters", group, GROUP_MARKERS[group])
+                log.warning("optimizer group %r is configured but the model has no %s parameters that train (no "
+                            "quantizer has them, or its learnable flag is off): the group is unused",
+                            group, GROUP_MARKERS[group])
             continue
         if group != "base" and group_options.lr == 0:
             log.warning("optimizer group %r has lr 0: its parameters will not learn", group)
         groups.append({"params": params, "name": group, **group_options.optimizer_options()})
-    optimizer_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[config.optimizer.type]
     try:
         return optimizer_cls(groups)
     except (TypeError, ValueError) as error:

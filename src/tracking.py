@@ -69,3 +69,12 @@ class RunTracker:
             if summary:
                 self.wandb_run.summary.update(summary)
             self.wandb_run.finish()
+
+
+def rewind_metrics(metrics_path: Path, epoch: int) -> None:
+    """Keep only the records of epochs 1..``epoch``: a resumed run writes the later ones again."""
+    if not metrics_path.is_file():
+        return
+    kept = [line for line in metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("epoch", epoch + 1) <= epoch]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
