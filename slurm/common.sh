@@ -53,7 +53,11 @@ codeq_preemptible() {
     kill -0 "$CODEQ_CHILD" 2>/dev/null || break
   done
   trap - USR1 TERM
-  if (( CODEQ_REQUEUE && status != 0 )); then
+  # CODEQ_CHECKPOINT_EXIT: the one exit code that means "checkpoint written" (3 from run_training.py); unset,
+  # any failure after USR1 counts, since torchrun reports its workers' exit code 3 as 1. Outside Slurm
+  # (no SLURM_JOB_ID) there is nothing to requeue.
+  if (( CODEQ_REQUEUE && status != 0 )) && [[ -n ${SLURM_JOB_ID:-} ]] \
+    && [[ -z ${CODEQ_CHECKPOINT_EXIT:-} || $status == "$CODEQ_CHECKPOINT_EXIT" ]]; then
     codeq_log "training stopped (exit code $status): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"  # Slurm ends this script here; the job restarts with --resume auto
   fi

@@ -135,9 +135,10 @@ def check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int = 0) -
     ignoring its first ``skip`` parameters; returns them converted to the annotated types."""
     params = list(inspect.signature(target).parameters.values())[skip:]
     accepted = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    owner = target.__qualname__.removesuffix(".__init__")
     for name in kwargs:
         if name not in accepted:
-            raise ConfigError(f"{key}.{name}", "unknown argument", suggest(name, accepted, f"{target.__name__} takes"))
+            raise ConfigError(f"{key}.{name}", "unknown argument", suggest(name, accepted, f"{owner} takes"))
     for name, param in accepted.items():
         if param.default is inspect.Parameter.empty and name not in kwargs:
             raise ConfigError(f"{key}.{name}", "required argument missing", f"add `{name}: <value>` under {key}")
@@ -150,7 +151,7 @@ def check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int = 0) -
             converted[name] = TypeAdapter(hints[name]).validate_python(value)
         except ValidationError as error:
             problem = f"{error.errors()[0]['msg'].lower()} (got {value!r})"
-            fix = f"{target.__qualname__} takes {name}: {annotation_text(hints[name])}"
+            fix = f"{owner} takes {name}: {annotation_text(hints[name])}"
             raise ConfigError(f"{key}.{name}", problem, fix) from None
     return converted
 
