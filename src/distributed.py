@@ -83,6 +83,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics). DDP copies them only at the
+    start of a training forward, so after an epoch each replica holds those of its own last batch."""
+    if is_distributed():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_reduce_sum(values: Tensor) -> Tensor:
     """The element-wise sum of ``values`` over all processes (``values`` itself when single-process)."""
     if is_distributed():

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from src.distributed import all_reduce_sum, is_main_process
+from src.distributed import all_reduce_sum, is_main_process, sync_buffers
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def train(
             break
     progress.close()
     raise_if_nonfinite(losses[: step - first_step + 1], epoch, first_step)
+    sync_buffers(model)
     state.step = step
     state.loss_sum, state.correct, state.count = meter.totals()
     return meter.result()

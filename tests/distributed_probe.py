@@ -1,0 +1,49 @@
+"""Run by tests/test_distributed.py under torchrun: one DDP epoch from deliberately different initial
+weights per process, then each process saves what it holds and measures.
+
+    torchrun --nproc-per-node=2 tests/distributed_probe.py CONFIG OUT_DIR
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from run_training import QUANTIZER_REGISTRY  # noqa: E402
+from src import distributed  # noqa: E402
+from src.compression import layer_stats, summary  # noqa: E402
+from src.config import load_config  # noqa: E402
+from src.data import DATASET_REGISTRY, build_loaders  # noqa: E402
+from src.experiment import build_loss_terms, build_model, build_optimizer, seed_everything  # noqa: E402
+from src.train import train, validate  # noqa: E402
+
+
+def main(config_path: str, out_dir: str) -> None:
+    config = load_config(config_path, QUANTIZER_REGISTRY)
+    device = distributed.setup(torch.device("cpu"))
+    rank = distributed.rank()
+    seed_everything(config.seed + rank)  # DDP must make the replicas equal regardless
+    spec = DATASET_REGISTRY[config.dataset]
+    model, _ = build_model(config, spec.num_classes, QUANTIZER_REGISTRY)
+    optimizer = build_optimizer(model, config)
+    loss_terms = build_loss_terms(config)
+    criterion = nn.CrossEntropyLoss()
+    data = spec.build(config.data_dir, config.img_size)
+    train_loader, val_loader = build_loaders(data, config.batch_size, 0, torch.Generator().manual_seed(config.seed),
+                                             rank=rank, world_size=distributed.world_size())
+    distributed.set_epoch(train_loader, 1)
+    train_metrics = train(train_loader, distributed.wrap(model, device), criterion, optimizer, 1, device, loss_terms)
+    val_metrics = validate(val_loader, model, criterion, device)
+    out = Path(out_dir)
+    torch.save(model.state_dict(), out / f"rank{rank}.pt")
+    report = {"train": train_metrics, "val": val_metrics, "compression": summary(layer_stats(model)),
+              "loss_terms": [float(term(model)) for term in loss_terms], "val_batches": len(val_loader)}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
