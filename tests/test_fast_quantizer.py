@@ -1,0 +1,152 @@
+"""The fused dead-zone quantizer against the plain straight-through implementation of the equations.
+
+The reference below is the textbook STE graph (``x + (f(x) - x).detach()`` for round, clip and
+ReLU), differentiated by autograd. The fused ``DeadZoneQuantize`` must give bit-identical
+quantized weights and weight gradients, and the same logit gradients up to summation order.
+"""
+import itertools
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from src.percentile import robust_absmax
+from src.quantizer import DeadZoneLDZCompander, levels
+from src.utils_quantization import attach_weight_quantizers
+
+
+def straight_through(x: torch.Tensor, forward_value: torch.Tensor) -> torch.Tensor:
+    return x + (forward_value - x).detach()
+
+
+def reference_forward(quantizer: DeadZoneLDZCompander, weight: torch.Tensor) -> torch.Tensor:
+    """The equations as autograd sees them when written plainly (the pre-fusion implementation)."""
+    bits, deadzone, step = quantizer.step_params(robust_absmax(weight))
+    offset = deadzone / 2 - step / 2
+    shifted = weight.abs() - offset
+    codes = torch.sign(weight) * straight_through(shifted, torch.relu(shifted)) / step
+    codes = straight_through(codes, torch.round(codes))
+    max_code = levels(bits)
+    codes = straight_through(codes, torch.clamp(codes, -max_code, max_code))
+    return torch.sign(codes).detach() * offset + step * codes
+
+
+def run(forward, quantizer, weight, upstream):
+    """Output and gradients (weight, logit_dz, logit_bit) of ``sum(forward(weight) * upstream)``."""
+    quantizer.zero_grad(set_to_none=True)
+    latent = weight.clone().requires_grad_()
+    output = forward(quantizer, latent)
+    (output * upstream).sum().backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in (quantizer.logit_dz, quantizer.logit_bit)]
+    return output.detach(), latent.grad, *grads
+
+
+def fused_forward(quantizer, weight):
+    return quantizer(weight)
+
+
+def weights(kind: str, generator: torch.Generator) -> torch.Tensor:
+    if kind == "conv":
+        return torch.randn(32, 16, 3, 3, generator=generator) * 0.05
+    if kind == "conv_channels_last":
+        return (torch.randn(16, 8, 3, 3, generator=generator) * 0.1).to(memory_format=torch.channels_last)
+    if kind == "linear":
+        return torch.randn(64, 48, generator=generator)
+    if kind == "heavy_tails":
+        return torch.randn(5000, generator=generator) ** 3
+    if kind == "exact_zeros":
+        w = torch.randn(40, 40, generator=generator)
+        w[torch.rand(40, 40, generator=generator) < 0.3] = 0.0
+        return w
+    if kind == "tiny":
+        return torch.randn(3, generator=generator)
+    if kind == "large":
+        return torch.randn(70_000, generator=generator) * 1e-3  # above the percentile's direct-partition size
+    raise ValueError(kind)
+
+
+KINDS = ["conv", "conv_channels_last", "linear", "heavy_tails", "exact_zeros", "tiny", "large"]
+SETTINGS = list(itertools.product(
+    [-2.0, 0.05, 0.8, 3.0],                            # init_deadzone_logit (negative and tiny dead zones too)
+    [0.0, -1.5, 3.0],                                  # init_bit_logit
+    [(4, 8, True, True), (3, 6, False, True), (8, 8, True, False), (2, 4, False, False)],
+))
+
+
+def assert_logit_grad_matches(fused, reference, exact):
+    """Same gradient up to float32 summation order, and at least as accurate as the plain graph's.
+
+    The plain graph sums g*c and g*x separately and subtracts (cancellation costs it up to ~1e-4
+    relative); the fused backward sums g*(c - x) directly. ``exact`` is the plain graph in float64.
+    """
+    if reference is None:
+        assert fused is None or fused == 0
+        return
+    exact = exact.float()
+    torch.testing.assert_close(fused, reference, rtol=1e-3, atol=1e-6)
+    assert (fused - exact).abs() <= 2 * (reference - exact).abs() + 2e-5 * exact.abs() + 1e-7
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_matches_plain_equations(kind):
+    generator = torch.Generator().manual_seed(KINDS.index(kind))
+    for logit_dz, logit_bit, (bits, max_bits, learn_bit, learn_dz) in SETTINGS[:: 4 if kind == "large" else 1]:
+        quantizer = DeadZoneLDZCompander(bits, max_bits, logit_bit, logit_dz, learn_bit, learn_dz)
+        weight = weights(kind, generator)
+        upstream = torch.randn(weight.shape, generator=generator)
+        out, grad_w, grad_dz, grad_bit = run(fused_forward, quantizer, weight, upstream)
+        ref_out, ref_grad_w, ref_grad_dz, ref_grad_bit = run(reference_forward, quantizer, weight, upstream)
+        _, _, exact_dz, exact_bit = run(reference_forward, quantizer.double(), weight.double(), upstream.double())
+        quantizer.float()
+        assert torch.equal(out, ref_out), (kind, logit_dz, logit_bit, bits)
+        assert torch.equal(grad_w, ref_grad_w)
+        assert_logit_grad_matches(grad_dz, ref_grad_dz, exact_dz)
+        assert_logit_grad_matches(grad_bit, ref_grad_bit, exact_bit)
+
+
+def test_logit_gradients_are_not_trivially_zero():
+    generator = torch.Generator().manual_seed(0)
+    quantizer = DeadZoneLDZCompander(4, 8, 0.5, 1.0)
+    weight, upstream = torch.randn(256, 64, generator=generator), torch.randn(256, 64, generator=generator)
+    _, _, grad_dz, grad_bit = run(fused_forward, quantizer, weight, upstream)
+    assert grad_dz.abs() > 1e-3 and grad_bit.abs() > 1e-3
+
+
+def test_channels_last_output_keeps_the_layout():
+    weight = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    out = DeadZoneLDZCompander()(weight)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_autocast_leaves_the_quantizer_in_float32():
+    weight = torch.randn(32, 16, 3, 3)
+    quantizer = DeadZoneLDZCompander()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = quantizer(weight)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, reference_forward(quantizer, weight))
+
+
+class ForwardCounter:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_hook(self.hook)
+
+    def hook(self, *_):
+        self.calls += 1
+
+
+def test_validate_quantizes_each_weight_once_per_pass():
+    from src.train import validate
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    attach_weight_quantizers(model, [], DeadZoneLDZCompander, {})
+    counters = [ForwardCounter(p.quantizer) for m in model if parametrize.is_parametrized(m, "weight")
+                for p in m.parametrizations.weight]
+    batches = [(torch.randn(5, 12), torch.randint(0, 3, (5,))) for _ in range(7)]
+    validate(batches, model, torch.nn.CrossEntropyLoss(), "cpu")
+    assert [c.calls for c in counters] == [1, 1]
+    # Outside the cached pass, every forward recomputes the quantized weight (training needs that).
+    model(batches[0][0])
+    model(batches[0][0])
+    assert [c.calls for c in counters] == [3, 3]
