@@ -5,13 +5,16 @@
 #
 #   #SBATCH --signal=B:USR1@<seconds>  Slurm sends USR1 to this batch shell that long before the time limit;
 #   codeq_preemptible                  passes it on to training, which finishes its step, writes a checkpoint
-#                                      and exits; the shell then requeues the job (same job id, same run);
-#   codeq_resume_args                  a requeued job (SLURM_RESTART_COUNT > 0) continues with --resume auto.
+#                                      and exits (code 3); the shell then requeues the job (same job id);
+#   codeq_resume_args                  every start passes --resume auto: the requeued job continues its run
+#                                      (a run without a checkpoint yet simply starts).
 #
 # SIGTERM (scancel, the time limit itself, Slurm's own preemption) is passed on as well, so training
 # still checkpoints, but the job is not requeued by this script.
 #
-# Environment: CODEQ_PYTHON  the Python with the project's packages (default: .venv/bin/python, else python3).
+# Environment: CODEQ_PYTHON  the Python with the project's packages (default: .venv/bin/python, else python3)
+#              CODEQ_DEVICE  passed as --device (default: cuda when the job, or outside Slurm the machine,
+#                            has a GPU; cpu otherwise)
 set -euo pipefail
 
 CODEQ_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,9 +33,34 @@ codeq_job_header() {
     "restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-$(hostname)}; python $CODEQ_PYTHON"
 }
 
-# The flag that makes a requeued job continue its run instead of starting over.
+# The --device for this job's training processes.
+codeq_device() {
+  if [[ -n ${CODEQ_DEVICE:-} ]]; then
+    echo "$CODEQ_DEVICE"
+  elif [[ -n ${SLURM_JOB_ID:-} ]]; then
+    if (( ${SLURM_GPUS_ON_NODE:-0} > 0 )); then echo cuda; else echo cpu; fi
+  elif nvidia-smi -L >/dev/null 2>&1; then
+    echo cuda
+  else
+    echo cpu
+  fi
+}
+
+# codeq_threads PROCESSES: split the job's CPUs per task among PROCESSES training processes (OMP_NUM_THREADS),
+# so processes sharing a node do not each start a thread per core.
+codeq_threads() {
+  if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+    export OMP_NUM_THREADS=$(( SLURM_CPUS_PER_TASK / $1 > 0 ? SLURM_CPUS_PER_TASK / $1 : 1 ))
+  fi
+}
+
+# codeq_resume_args ARGS...: sets CODEQ_RESUME to (--resume auto), or to () when ARGS name --resume themselves.
 codeq_resume_args() {
-  if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then echo "--resume auto"; fi
+  CODEQ_RESUME=(--resume auto)
+  local arg
+  for arg in "$@"; do
+    if [[ $arg == --resume || $arg == --resume=* ]]; then CODEQ_RESUME=(); fi
+  done
 }
 
 # codeq_preemptible FORWARD COMMAND...: runs COMMAND; on USR1 or TERM evaluates FORWARD (which passes
@@ -65,8 +93,14 @@ codeq_preemptible() {
   return "$status"
 }
 
-# codeq_train_single ARGS...: one training process (one GPU, or the CPU) with run_training.py ARGS.
+# codeq_train_single ARGS...: one training process (one GPU, or the CPU): run_training.py ARGS.
 codeq_train_single() {
-  # shellcheck disable=SC2046  # codeq_resume_args is empty or two words
-  codeq_preemptible 'kill -USR1 "$CODEQ_CHILD"' "$CODEQ_PYTHON" "$CODEQ_TRAIN" "$@" $(codeq_resume_args)
+  local device
+  device=$(codeq_device)
+  codeq_resume_args "$@"
+  codeq_threads 1
+  CODEQ_CHECKPOINT_EXIT=3  # run_training.py's EXIT_PREEMPTED
+  codeq_log "single process on $device: $*"
+  codeq_preemptible 'kill -USR1 "$CODEQ_CHILD"' \
+    "$CODEQ_PYTHON" "$CODEQ_TRAIN" --device "$device" "$@" "${CODEQ_RESUME[@]}"
 }

@@ -9,6 +9,7 @@
 #   CODEQ_DEVICE  passed as --device (default: cuda when the job has a GPU, or, outside Slurm, when
 #                 nvidia-smi finds one; cpu otherwise)
 #   CODEQ_PYTHON  the Python with the project's packages (default: the repository's .venv)
+# (both read in slurm/common.sh, which holds the logic all three scripts share)
 #
 # Every start passes --resume auto (unless the arguments name --resume): the run continues from its
 # last.pt when it has one and starts from scratch otherwise. Preemption: Slurm sends USR1 120 s before
@@ -23,7 +24,7 @@
 #SBATCH --output=%x-%j.out
 
 # Slurm runs a copy of this file from its spool directory; the original path locates the repository.
-script=${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')}
+script=${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q;}')}
 # shellcheck source=slurm/common.sh
 source "$(dirname "${script:-$0}")/common.sh"
 
@@ -34,24 +35,5 @@ fi
 config=$1
 shift
 
-if [[ -n ${CODEQ_DEVICE:-} ]]; then
-  device=$CODEQ_DEVICE
-elif [[ -n ${SLURM_JOB_ID:-} ]]; then
-  device=cpu
-  if (( ${SLURM_GPUS_ON_NODE:-0} > 0 )); then device=cuda; fi
-elif nvidia-smi -L >/dev/null 2>&1; then
-  device=cuda
-else
-  device=cpu
-fi
-
-resume=(--resume auto)
-for arg in "$@"; do
-  if [[ $arg == --resume || $arg == --resume=* ]]; then resume=(); fi
-done
-
-CODEQ_CHECKPOINT_EXIT=3  # run_training.py's EXIT_PREEMPTED
 codeq_job_header
-codeq_log "single process on $device: $config"
-codeq_preemptible 'kill -USR1 "$CODEQ_CHILD"' \
-  "$CODEQ_PYTHON" "$CODEQ_TRAIN" --config "$config" --device "$device" "$@" "${resume[@]}"
+codeq_train_single --config "$config" "$@"

@@ -6,16 +6,17 @@
 #                                                      (sbatch --array=0-<tasks - 1> [options] slurm/sweep.sh SWEEP.yaml)
 #
 # Options after the file go to sbatch, e.g. --array=0-11%4 to run at most 4 tasks at once, --gpus=1
-# (or SBATCH_GPUS=1 in the environment) for one GPU per task; CODEQ_DEVICE sets --device for every task.
-# Preemption: USR1 180 s before the time limit -> checkpoint -> the task requeues and resumes (slurm/common.sh).
+# (or SBATCH_GPUS=1 in the environment) for one GPU per task; CODEQ_DEVICE and CODEQ_PYTHON as in
+# single_slurm.sh. Preemption: USR1 120 s before the time limit -> checkpoint -> the task requeues and
+# resumes (slurm/common.sh).
 #SBATCH --job-name=codeq-sweep
 #SBATCH --ntasks=1
-#SBATCH --signal=B:USR1@180
+#SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%A_%a.out
 
-script=${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')}
+script=${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q;}')}
 # shellcheck source=slurm/common.sh
 source "$(dirname "${script:-$0}")/common.sh"
 
@@ -35,5 +36,5 @@ fi
 codeq_job_header
 mapfile -t task_args < <("$CODEQ_PYTHON" -m src.sweep "$sweep" --task "$SLURM_ARRAY_TASK_ID")
 (( ${#task_args[@]} > 0 )) || exit 2
-codeq_log "sweep $sweep task $SLURM_ARRAY_TASK_ID: ${task_args[*]}"
-codeq_train_single "${task_args[@]}" ${CODEQ_DEVICE:+--device "$CODEQ_DEVICE"}
+codeq_log "sweep $sweep task $SLURM_ARRAY_TASK_ID"
+codeq_train_single "${task_args[@]}"
