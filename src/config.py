@@ -92,6 +92,14 @@ class TrainConfig(Section):
     wandb_project: str | None = Field(None, description="W&B project; null disables W&B")
     workers: int = Field(4, ge=0, description="data-loader worker processes", json_schema_extra=RUNTIME)
     use_compile: bool = Field(False, description="wrap the model in torch.compile", json_schema_extra=RUNTIME)
+    amp: Literal["bf16", "fp16"] | None = Field(
+        None, description="autocast forward and loss to bf16 or fp16 (fp16 adds a GradScaler); null: FP32. "
+        "Weights, quantizers and optimizer stay FP32", json_schema_extra=RUNTIME)
+    channels_last: bool = Field(False, description="channels-last memory format for model and input batches "
+                                "(faster convolutions with cuDNN, notably under amp)", json_schema_extra=RUNTIME)
+    data_on_device: bool = Field(False, description="hold the whole data set on the device and augment there "
+                                 "(cifar10: random crop, padding 4, and flip); no loader workers, so a small "
+                                 "host cannot starve the GPU", json_schema_extra=RUNTIME)
     quantizer: QuantizerConfig | None = Field(None, description="weight quantizer; null trains the FP32 baseline")
     optimizer: OptimizerConfig = Field(description="optimizer and its parameter groups")
     loss_terms: list[LossTermConfig] = Field(default_factory=list, description="regularisers added to the loss")

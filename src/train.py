@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from src.distributed import all_reduce_sum, is_main_process, sync_buffers
+from src.performance import StepSettings
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def train(
     log_interval: int = 50,
     state: EpochState | None = None,
     stop: Callable[[int], bool] | None = None,
+    step_settings: StepSettings | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for one epoch; the loss is criterion + sum of ``loss_fns(model)``.
 
@@ -121,10 +123,12 @@ def train(
     ``step > 0`` continues an interrupted epoch (``train_loader`` then yields only the batches
     after that step) and is updated in place on return; ``stop(step)`` is asked after every step
     and ends the epoch early when true. A NaN or infinite loss raises NonFiniteLossError, checked
-    wherever the loss is read anyway (progress lines) and at the end.
+    wherever the loss is read anyway (progress lines) and at the end. ``step_settings`` sets
+    autocast and channels-last batches (default: FP32, as the batches come).
     """
     model.train()
     device = torch.device(device)
+    step_settings = step_settings or StepSettings(device)
     state = state if state is not None else EpochState()
     first_step = state.step + 1
     meter = RunningMean(device, state)
@@ -132,15 +136,15 @@ def train(
     progress = Progress(train_loader, state.step + len(train_loader), f"epoch {epoch} train", log_interval)
     step = state.step
     for step, (inputs, targets) in enumerate(progress, start=first_step):
-        inputs = inputs.to(device, non_blocking=True)
+        inputs = step_settings.inputs(inputs)
         targets = targets.to(device, non_blocking=True)
-        logits = model(inputs)
-        loss = criterion(logits, targets)
+        with step_settings.autocast():
+            logits = model(inputs)
+            loss = criterion(logits, targets)
         for loss_fn in loss_fns or ():
             loss = loss + loss_fn(model)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step_settings.backward_and_step(loss, optimizer)
         meter.add(loss, logits, targets)
         losses[step - first_step] = loss.detach()
         if progress.interactive or step % log_interval == 0 or step == progress.total:
@@ -158,18 +162,22 @@ def train(
 
 @torch.no_grad()
 def validate(
-    val_loader: Iterable, model: nn.Module, criterion: nn.Module, device: torch.device | str, log_interval: int = 50
+    val_loader: Iterable, model: nn.Module, criterion: nn.Module, device: torch.device | str, log_interval: int = 50,
+    step_settings: StepSettings | None = None,
 ) -> dict[str, float]:
     """Loss and accuracy over ``val_loader``; fake-quantized weights are computed once for the pass."""
     model.eval()
     device = torch.device(device)
+    step_settings = step_settings or StepSettings(device)
     meter = RunningMean(device)
     progress = Progress(val_loader, len(val_loader), "validate", log_interval)
     with parametrize.cached():
         for inputs, targets in progress:
-            inputs = inputs.to(device, non_blocking=True)
+            inputs = step_settings.inputs(inputs)
             targets = targets.to(device, non_blocking=True)
-            logits = model(inputs)
-            meter.add(criterion(logits, targets), logits, targets)
+            with step_settings.autocast():
+                logits = model(inputs)
+                loss = criterion(logits, targets)
+            meter.add(loss, logits, targets)
     progress.close()
     return meter.result()
