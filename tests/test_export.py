@@ -71,7 +71,7 @@ def test_export_size_matches_the_size_accounting(tmp_path):
 
 
 def test_export_command_reports_sizes_and_rejects_bad_input(tmp_path, capsys):
-    assert run_training.main(["--config", str(write_config(tmp_path, quick_config(tmp_path)))]) == 0
+    assert run_training.main(["--config", str(write_config(tmp_path, quick_config(tmp_path, model="mlp")))]) == 0
     checkpoint = next((tmp_path / "runs").glob("*/last.pt"))
     capsys.readouterr()
     out = tmp_path / "exported" / "model.codeq"

@@ -31,7 +31,7 @@ def codeq_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline_run(tmp_path_factory):
-    return train_once(tmp_path_factory.mktemp("baseline"), quantizer=None)
+    return train_once(tmp_path_factory.mktemp("baseline"), model="mlp", quantizer=None)
 
 
 def test_run_ends_with_the_summary_table_then_the_run_line(codeq_run):
