@@ -1,0 +1,48 @@
+"""run_training.py with a ``tripwire`` loss term, to interrupt a run at an exact step.
+
+    python tests/tripwire.py --config X [run_training.py args]
+
+The term adds exactly zero to the loss. On its CODEQ_TRIP_AT-th call (counted from 1 in this
+process) it acts on CODEQ_TRIP: ``USR1`` / ``TERM`` sends this process that signal (the step then
+completes, as with Slurm's signal); ``hang`` writes the file CODEQ_TRIP_MARKER and sleeps, so a
+test can SIGKILL the run at a known point in the middle of an epoch.
+"""
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+calls = 0
+
+
+def tripwire(model: nn.Module) -> Tensor:
+    global calls
+    calls += 1
+    if calls == int(os.environ.get("CODEQ_TRIP_AT", 0)):
+        action = os.environ["CODEQ_TRIP"]
+        if action == "hang":
+            Path(os.environ["CODEQ_TRIP_MARKER"]).write_text(str(calls))
+            time.sleep(600)
+        else:
+            os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
+    return torch.zeros(())
+
+
+def register() -> None:
+    from src.structured_loss import LOSS_REGISTRY
+
+    LOSS_REGISTRY["tripwire"] = tripwire
+
+
+if __name__ == "__main__":
+    import run_training
+
+    register()
+    sys.exit(run_training.main(sys.argv[1:]))
