@@ -1,6 +1,7 @@
 """Faults during a run end with one clear line and a documented exit code, never a traceback and
 never a damaged checkpoint: non-finite loss, unusable checkpoints, missing data."""
 import os
+import re
 import shutil
 
 import pytest
@@ -119,3 +120,16 @@ def test_missing_data_is_one_line_and_creates_no_run_directory(tmp_path, capsys)
     assert line.startswith(f"error: cannot load data set 'cifar10' from '{tmp_path / 'data'}': CIFAR-10 under ")
     assert "lacks test_batch" in line and line.endswith("; point data_dir at the data set")
     assert not (tmp_path / "runs").exists()
+
+
+def test_docs_list_the_exit_codes_and_run_time_keys():
+    from conftest import ROOT
+    from src.config import runtime_keys
+
+    text = (ROOT / "docs" / "robustness.md").read_text()
+    codes = {name: getattr(run_training, name) for name in dir(run_training) if name.startswith("EXIT_")}
+    assert sorted(codes.values()) == [0, 1, 2, 3]
+    for name, code in codes.items():
+        assert f"`{name}`" in text and f"\n| {code} |" in text
+    [listed] = re.findall(r"run-time keys\s*\(([^)]*)\)", text)
+    assert re.findall(r"`(\w+)`", listed) == runtime_keys()
