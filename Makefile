@@ -17,8 +17,8 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
-reference: $(STAMP)
-	$(PYTHON) -m src.config
+reference: $(STAMP)  # regenerate README.md's YAML reference from the schema
+	$(PYTHON) -m src.config --write README.md
 
 clean:
 	rm -rf runs wandb .pytest_cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -166,8 +167,8 @@ def check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int = 0) -
 
 def annotation_text(annotation: Any) -> str:
     """A type annotation as a reader writes it: ``int``, ``str | None``, ``list[LossTermConfig]``."""
-    text = str(annotation).replace("typing.", "").replace("src.config.", "")
-    return text.replace("<class '", "").replace("'>", "")
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return re.sub(r"\b(?:src\.config|__main__)\.", "", text)
 
 
 def suggest(name: str, choices: Any, prefix: str = "valid keys are") -> str:
@@ -350,9 +351,13 @@ def yaml_reference(model: type[BaseModel] = TrainConfig, prefix: str = "") -> li
     rows = []
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
-        default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
+        default = "required" if field.is_required() else field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump()
+        default = default if default == "required" else f"`{default!r}`"
         type_name = annotation_text(field.annotation)
-        rows.append(f"| `{key}` | {type_name} | {default} | {field.description or ''} |")
+        cells = [f"`{key}`", type_name, default, field.description or ""]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         nested = section_class(model, name)
         if nested is not None:
             rows += yaml_reference(nested, key + ("[].") if "list" in type_name else key + ".")
@@ -364,5 +369,27 @@ def markdown_reference() -> str:
     return "\n".join(header + yaml_reference()) + "\n"
 
 
+README_MARKERS = ("<!-- yaml-reference:start -->\n", "<!-- yaml-reference:end -->")
+
+
+def readme_with_reference(readme: str) -> str:
+    """``readme`` with the text between the YAML-reference markers replaced by the generated table."""
+    start, end = README_MARKERS
+    head, found_start, rest = readme.partition(start)
+    _, found_end, tail = rest.partition(end)
+    if not (found_start and found_end):
+        raise ValueError(f"README lacks the markers {start.strip()} ... {end}")
+    return head + start + markdown_reference() + end + tail
+
+
 if __name__ == "__main__":
-    print(markdown_reference(), end="")
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print the YAML reference, or write it into README.md.")
+    parser.add_argument("--write", metavar="README", help="update the table between the markers of this file")
+    arguments = parser.parse_args()
+    if arguments.write:
+        readme_path = Path(arguments.write)
+        readme_path.write_text(readme_with_reference(readme_path.read_text()))
+    else:
+        print(markdown_reference(), end="")
