@@ -36,8 +36,9 @@ def test_dry_run_summarises_and_touches_nothing(tmp_path, capsys, caplog, monkey
     assert any(line.startswith("FP32:       19 layers: bn1, layer1.0.bn1") for line in lines)
     [base] = [line for line in lines if line.strip().startswith("base ")]
     [dz] = [line for line in lines if line.strip().startswith("dz ")]
-    assert "lr=0.003 weight_decay=0.0005" in base
-    assert dz.split()[1:5] == ["20", "tensors", "20", "values"] and "weight_decay=3.0" in dz
+    groups = quick_config(tmp_path)["optimizer"]["param_groups"]
+    assert f"lr={groups['base']['lr']} weight_decay={groups['base']['weight_decay']}" in base
+    assert dz.split()[1:5] == ["20", "tensors", "20", "values"] and f"weight_decay={groups['dz']['weight_decay']}" in dz
     assert "loss terms: 0.5 * group_lasso(lambda_linear=0.0001, lambda_conv=0.0002)" in lines
     assert "scheduler:  cosine over 1 epochs to 0" in lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
