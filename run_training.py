@@ -32,8 +32,10 @@ from src.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint,
 from src.compression import CompressionMonitor
 from src.config import ConfigError, TrainConfig, config_differences, config_to_dict, load_config, runtime_keys
 from src.data import DATASET_REGISTRY, build_loaders
+from src.device_data import device_loaders
 from src.experiment import (LossTerm, build_loss_terms, build_model, build_optimizer, build_scheduler,
                             resolve_device, run_name, seed_everything)
+from src.performance import StepSettings
 from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
 from src.report import write_run_report
 from src.tracking import RunTracker, rewind_metrics
@@ -251,9 +253,14 @@ class TrainingRun:
                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; "
                              f"point data_dir at the data set") from None
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.train_loader, self.val_loader = build_loaders(
-            data, config.batch_size, config.workers, self.generator, pin_memory=setup.device.type == "cuda",
-            rank=distributed.rank(), world_size=distributed.world_size())
+        if config.data_on_device:
+            self.train_loader, self.val_loader = device_loaders(
+                config.dataset, data, config.img_size, config.batch_size, setup.device, config.seed,
+                rank=distributed.rank(), world_size=distributed.world_size())
+        else:
+            self.train_loader, self.val_loader = build_loaders(
+                data, config.batch_size, config.workers, self.generator, pin_memory=setup.device.type == "cuda",
+                rank=distributed.rank(), world_size=distributed.world_size())
         log.info("global batch %d (%d processes x batch_size %d)", config.batch_size * distributed.world_size(),
                  distributed.world_size(), config.batch_size)
 
@@ -272,6 +279,8 @@ class TrainingRun:
             rewind_metrics(self.run_dir / "metrics.jsonl", self.epoch)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         self.tracker = RunTracker(self.run_dir, setup.name, config.wandb_project, self.resolved, resume_id=wandb_id)
+        self.step_settings = StepSettings(setup.device, config.amp, config.channels_last)
+        self.step_settings.prepare_model(setup.model)
         self.forward_model = torch.compile(setup.model) if config.use_compile else setup.model
         self.train_model = distributed.wrap(self.forward_model, setup.device)
         self.compression_monitor = CompressionMonitor(setup.model, self.val_loader.dataset[0][0])
@@ -315,7 +324,7 @@ class TrainingRun:
         try:
             metrics = train(self.train_loader, self.train_model, self.criterion, self.setup.optimizer, epoch,
                             self.setup.device, self.setup.loss_terms, log_interval=config.log_interval,
-                            state=self.epoch_state, stop=self.stop)
+                            state=self.epoch_state, stop=self.stop, step_settings=self.step_settings)
         except NonFiniteLossError as error:
             last = self.run_dir / LAST_CHECKPOINT
             kept = (f"the last good checkpoint {last} (epoch {self.epoch}) is untouched" if last.is_file()
@@ -338,7 +347,7 @@ class TrainingRun:
                 self.preempt()
             # Unwrapped: each process validates its own batches, and DDP would sync buffers in every forward.
             val_metrics = validate(self.val_loader, self.forward_model, self.criterion, setup.device,
-                                   log_interval=config.log_interval)
+                                   log_interval=config.log_interval, step_settings=self.step_settings)
             setup.scheduler.step()
             compression = self.compression_monitor.epoch_metrics()
             record = {"epoch": epoch, "loss": train_metrics["loss"], "train_acc": train_metrics["acc"],
