@@ -31,7 +31,7 @@ from src.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, load_checkpoint,
                             rng_state, save_checkpoint)
 from src.compression import CompressionMonitor
 from src.config import ConfigError, TrainConfig, config_differences, config_to_dict, load_config, runtime_keys
-from src.data import DATASET_REGISTRY, build_loaders
+from src.data import DATASET_REGISTRY, DatasetPair, build_loaders
 from src.device_data import device_loaders
 from src.experiment import (LossTerm, build_loss_terms, build_model, build_optimizer, build_scheduler,
                             resolve_device, run_name, seed_everything)
@@ -238,6 +238,15 @@ class StopRequest:
         return step % DISTRIBUTED_STOP_POLL == 0 and self.anywhere()
 
 
+def load_data(config: TrainConfig) -> DatasetPair:
+    try:
+        return DATASET_REGISTRY[config.dataset].build(config.data_dir, config.img_size)
+    except (OSError, RuntimeError, ValueError) as error:  # missing, unreadable or corrupt files
+        raise RunFailure(f"cannot load data set {config.dataset!r} from {config.data_dir!r}: "
+                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; "
+                         f"point data_dir at the data set") from None
+
+
 class TrainingRun:
     """One run directory: data, tracker, the epoch loop and its checkpoints."""
 
@@ -246,12 +255,7 @@ class TrainingRun:
         config, checkpoint = setup.config, start.checkpoint
         self.resolved = setup.resolved
         self.criterion = nn.CrossEntropyLoss()
-        try:
-            data = DATASET_REGISTRY[config.dataset].build(config.data_dir, config.img_size)
-        except (OSError, RuntimeError, ValueError) as error:  # missing, unreadable or corrupt files
-            raise RunFailure(f"cannot load data set {config.dataset!r} from {config.data_dir!r}: "
-                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; "
-                             f"point data_dir at the data set") from None
+        data = load_data(config)
         self.generator = torch.Generator().manual_seed(config.seed)
         if config.data_on_device:
             self.train_loader, self.val_loader = device_loaders(
@@ -264,22 +268,17 @@ class TrainingRun:
         log.info("global batch %d (%d processes x batch_size %d)", config.batch_size * distributed.world_size(),
                  distributed.world_size(), config.batch_size)
 
+        self.step_settings = StepSettings(setup.device, config.amp, config.channels_last)
         self.epoch, self.global_step, self.best_val_acc = 0, 0, 0.0
         self.epoch_state, wandb_id = EpochState(), None
         if checkpoint is not None:
-            restore_training_state(setup, checkpoint, start.path)
-            self.epoch, self.global_step = checkpoint["epoch"], checkpoint["step"]
-            self.best_val_acc, wandb_id = checkpoint["best_val_acc"], checkpoint["wandb_id"]
-            self.epoch_state = EpochState(checkpoint["epoch_step"], **checkpoint["epoch_sums"])
-            if not distributed.is_main_process():  # the sums are totals over all processes: count them once
-                self.epoch_state = EpochState(checkpoint["epoch_step"])
-            log.info("resuming %s at epoch %d, step %d of it", start.path, self.epoch + 1, self.epoch_state.step)
+            self.restore(checkpoint, start.path)
+            wandb_id = checkpoint["wandb_id"]
         if distributed.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             rewind_metrics(self.run_dir / "metrics.jsonl", self.epoch)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         self.tracker = RunTracker(self.run_dir, setup.name, config.wandb_project, self.resolved, resume_id=wandb_id)
-        self.step_settings = StepSettings(setup.device, config.amp, config.channels_last)
         self.step_settings.prepare_model(setup.model)
         self.forward_model = torch.compile(setup.model) if config.use_compile else setup.model
         self.train_model = distributed.wrap(self.forward_model, setup.device)
@@ -288,15 +287,28 @@ class TrainingRun:
             # Last, so nothing above draws from the restored generators.
             restore_rng(checkpoint["rng"], self.generator)
 
+    def restore(self, checkpoint: dict[str, Any], path: Path) -> None:
+        """Training state and progress as ``checkpoint`` left them (its RNG states come last, in __init__)."""
+        restore_training_state(self.setup, checkpoint, path)
+        scaler = self.step_settings.scaler
+        if scaler is not None and checkpoint.get("grad_scaler"):
+            scaler.load_state_dict(checkpoint["grad_scaler"])
+        self.epoch, self.global_step = checkpoint["epoch"], checkpoint["step"]
+        self.best_val_acc = checkpoint["best_val_acc"]
+        self.epoch_state = EpochState(checkpoint["epoch_step"], **checkpoint["epoch_sums"])
+        if not distributed.is_main_process():  # the sums are totals over all processes: count them once
+            self.epoch_state = EpochState(checkpoint["epoch_step"])
+        log.info("resuming %s at epoch %d, step %d of it", path, self.epoch + 1, self.epoch_state.step)
+
     def checkpoint_state(self) -> dict[str, Any]:
-        setup = self.setup
+        setup, scaler = self.setup, self.step_settings.scaler
         sums = asdict(self.epoch_state)
         return {
             "format": CHECKPOINT_FORMAT, "model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
             "scheduler": setup.scheduler.state_dict(), "epoch": self.epoch, "epoch_step": sums.pop("step"),
             "epoch_sums": sums, "step": self.global_step, "best_val_acc": self.best_val_acc,
             "config": self.resolved, "run_name": setup.name, "rng": rng_state(self.generator),
-            "wandb_id": self.tracker.wandb_id,
+            "grad_scaler": scaler.state_dict() if scaler is not None else None, "wandb_id": self.tracker.wandb_id,
         }
 
     def save(self, best: bool = False) -> None:

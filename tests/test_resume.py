@@ -132,7 +132,8 @@ def test_sigterm_also_ends_in_a_checkpoint(tmp_path, data_dir):
 
 def test_checkpoint_holds_plain_data_for_weights_only_loading(uninterrupted):
     checkpoint = torch.load(uninterrupted / "last.pt", weights_only=True)
-    assert set(REQUIRED_KEYS) | {"step", "epoch_sums", "best_val_acc", "run_name", "wandb_id"} <= checkpoint.keys()
+    assert set(REQUIRED_KEYS) | {"step", "epoch_sums", "best_val_acc", "run_name", "grad_scaler", "wandb_id"} <= checkpoint.keys()
+    assert checkpoint["grad_scaler"] is None  # amp off: no fp16 loss scale to keep
     assert checkpoint["epoch"] == EPOCHS and checkpoint["epoch_step"] == 0
     assert checkpoint["step"] == EPOCHS * STEPS_PER_EPOCH
     assert checkpoint["config"] == yaml.safe_load((uninterrupted / "config.yaml").read_text())
