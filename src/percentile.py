@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 
 import numpy as np
 import torch
@@ -67,18 +68,23 @@ def flat_view(tensor: Tensor) -> Tensor:
     return tensor.reshape(-1)
 
 
-@functools.lru_cache(maxsize=4096)
 def quantile_ranks(n: int, q: float, dtype: torch.dtype) -> tuple[int, int, float]:
     """(lower rank, upper rank, interpolation weight), computed the way torch.quantile computes them.
 
     torch.quantile rounds q to the input's dtype, forms ``rank = q * (n - 1)`` in double precision,
     takes its floor and ceiling as the two ranks and interpolates with ``rank - lower`` rounded back
-    to the input's dtype (checked bit for bit against torch.quantile by the tests).
+    to the input's dtype (checked bit for bit against torch.quantile by the tests). Plain Python, so
+    torch.compile folds it into constants.
     """
-    rank = float(torch.tensor(q, dtype=dtype)) * (n - 1)
+    rank = to_dtype(q, dtype) * (n - 1)
     lower = min(math.floor(rank), n - 1)
     upper = min(math.ceil(rank), n - 1)
-    return lower, upper, float(torch.tensor(rank - lower, dtype=dtype))
+    return lower, upper, to_dtype(rank - lower, dtype)
+
+
+def to_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to float32 (to nearest, ties to even) when ``dtype`` is float32; float64 keeps it."""
+    return struct.unpack("f", struct.pack("f", value))[0] if dtype == torch.float32 else value
 
 
 def uses_threshold_method(values: Tensor) -> bool:
