@@ -1,0 +1,198 @@
+"""The real batch scripts in slurm/, submitted with sbatch to a running Slurm cluster (CI: the
+one-node, 2-CPU cluster of .ci/slurm_up.sh), on the digits data set and the CPU.
+
+Preemption is what Slurm does before a time limit with ``--signal=B:USR1@120``: ``scancel
+--signal=USR1 --batch`` sends the same signal to the batch shell, mid-run; the job must checkpoint,
+requeue itself, resume and end with exactly the metrics of an uninterrupted run.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, quick_config, write_config
+
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED"}
+JOB_TIMEOUT_S = 600
+
+
+def slurm_problem() -> str | None:
+    """Why no Slurm job can run here, or None."""
+    if shutil.which("sbatch") is None:
+        return "sbatch not found (install and start Slurm with `sudo bash .ci/slurm_up.sh`)"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+        nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"Slurm does not answer ({error})"
+    if "UP" not in ping.stdout:
+        return f"slurmctld is not up ({(ping.stdout + ping.stderr).strip()}); run `sudo bash .ci/slurm_up.sh`"
+    if not re.search(r"^(idle|mixed|allocated|completing)", nodes.stdout, re.MULTILINE):
+        return f"no Slurm node can run jobs (states: {nodes.stdout.split() or 'none'})"
+    return None
+
+
+pytestmark = pytest.mark.skipif(slurm_problem() is not None, reason=f"needs Slurm: {slurm_problem()}")
+
+
+class Job:
+    """A batch job: its id, its output file and its state in ``scontrol show job``."""
+
+    submitted: list["Job"] = []
+
+    def __init__(self, job_id: str, output: Path) -> None:
+        self.id, self.output = job_id, output
+        Job.submitted.append(self)
+
+    @classmethod
+    def submit(cls, work: Path, script: str, *args: str, sbatch: tuple[str, ...] = (),
+               env: dict[str, str] | None = None) -> "Job":
+        output = work / f"{Path(script).stem}-%j.out"
+        command = ["sbatch", "--parsable", f"--output={output}", *sbatch, str(ROOT / script), *args]
+        result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=60,
+                                env={**os.environ, **(env or {})})
+        assert result.returncode == 0, result.stderr
+        job_id = result.stdout.strip().split(";")[0]
+        return cls(job_id, Path(str(output).replace("%j", job_id)))
+
+    def fields(self) -> dict[str, str]:
+        text = subprocess.run(["scontrol", "show", "job", self.id], capture_output=True, text=True).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", text))
+
+    def log(self) -> str:
+        return self.output.read_text() if self.output.exists() else ""
+
+    def wait_for_log(self, pattern: str) -> None:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not re.search(pattern, self.log()):
+            assert self.fields().get("JobState") not in TERMINAL_STATES, f"job ended before {pattern!r}:\n{self.log()}"
+            assert time.monotonic() < deadline, f"no {pattern!r} in job {self.id}'s output:\n{self.log()}"
+            time.sleep(0.2)
+
+    def wait(self) -> dict[str, str]:
+        """The job's final fields (a requeued job waits out its credential's expiry, ~6 s here, before it
+        restarts; starting it sooner makes Slurm kill it)."""
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while (fields := self.fields()).get("JobState") not in TERMINAL_STATES:
+            assert time.monotonic() < deadline, f"job {self.id} still {fields.get('JobState')}:\n{self.log()}"
+            time.sleep(0.5)
+        return fields
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cancel_leftover_jobs():
+    yield
+    for job in Job.submitted:
+        subprocess.run(["scancel", job.id], capture_output=True)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def completed(job: Job) -> str:
+    fields = job.wait()
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), job.log()
+    return job.log()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slurm")
+
+
+# 2 epochs of 45 steps (resnet20, img 16): long enough to be interrupted mid-epoch.
+def preemptible_config(work: Path, name: str, **overrides) -> Path:
+    config = quick_config(work, epochs=2, batch_size=32, log_interval=1, save_dir=str(work / name), **overrides)
+    return write_config(work, config, f"{name}.yaml")
+
+
+@pytest.fixture(scope="module")
+def single_reference(work):
+    """An uninterrupted single-process job (1 CPU), running beside the preempted one (the other CPU)."""
+    config = preemptible_config(work, "single")
+    return Job.submit(work, "slurm/single_slurm.sh", str(config), sbatch=("--cpus-per-task=1",))
+
+
+def test_single_job_preempted_by_usr1_requeues_and_ends_like_an_uninterrupted_one(work, single_reference):
+    config = preemptible_config(work, "preempted")
+    job = Job.submit(work, "slurm/single_slurm.sh", str(config), sbatch=("--cpus-per-task=1",))
+    job.wait_for_log(r"epoch 1 train step 3/45")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True)
+    log = completed(job)
+    assert job.fields()["Restarts"] == "1"
+    assert "USR1: checkpoint, then requeue" in log and f"requeueing job {job.id}" in log
+    assert re.search(r"resuming .*last\.pt at epoch 1, step (\d+)", log), log
+    step = int(re.search(r"at epoch 1, step (\d+)", log).group(1))
+    assert 3 <= step < 45, "the checkpoint was not written mid-epoch"
+    completed(single_reference)
+    name = "resnet20_deadzone4b_e2_lr0.003"
+    assert metrics(work / "preempted" / name) == metrics(work / "single" / name)
+
+
+def test_single_job_trains_and_writes_its_run(work, single_reference):
+    log = completed(single_reference)
+    run_dir = work / "single" / "resnet20_deadzone4b_e2_lr0.003"
+    assert [record["epoch"] for record in metrics(run_dir)] == [1, 2]
+    assert {"last.pt", "best.pt", "config.yaml"} <= {path.name for path in run_dir.iterdir()}
+    assert f"job {single_reference.id} restart 0" in log and "single process on cpu" in log
+    assert "training exited with code 0" in log
+
+
+def test_sweep_array_runs_one_task_per_combination(work):
+    config = write_config(work, quick_config(work, model="mlp", save_dir=str(work / "sweep")), "sweep_base.yaml")
+    sweep = work / "decay.yaml"
+    sweep.write_text(yaml.safe_dump({"configs": [str(config)],
+                                     "grid": {"optimizer.param_groups.dz.weight_decay": [0.5, 8.0]}}))
+    submit = subprocess.run(["bash", str(ROOT / "slurm" / "sweep.sh"), str(sweep), "--cpus-per-task=1",
+                             f"--output={work}/sweep-%A_%a.out"], cwd=work, capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stderr
+    assert "submitting 2 tasks" in submit.stdout
+    array_id = re.search(r"Submitted batch job (\d+)", submit.stdout).group(1)
+    for task in [Job(f"{array_id}_{index}", work / f"sweep-{array_id}_{index}.out") for index in (0, 1)]:
+        assert f"sweep {sweep} task" in completed(task)
+    runs = sorted((work / "sweep").iterdir())
+    assert [run.name for run in runs] == ["decay_00_mlp_deadzone4b_e1_lr0.003_weight_decay=0.5",
+                                          "decay_01_mlp_deadzone4b_e1_lr0.003_weight_decay=8.0"]
+    for run, decay in zip(runs, (0.5, 8.0)):
+        assert yaml.safe_load((run / "config.yaml").read_text())["optimizer"]["param_groups"]["dz"]["weight_decay"] == decay
+        assert len(metrics(run)) == 1
+
+
+DDP_ENV = {"CODEQ_NPROC_PER_NODE": "2"}
+DDP_RUN = "resnet20_deadzone4b_e2_lr0.003_gb64"  # batch_size 32 per process x 2 processes
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(work):
+    config = preemptible_config(work, "ddp")
+    return Job.submit(work, "slurm/ddp_slurm.sh", str(config), sbatch=("--cpus-per-task=2",), env=DDP_ENV)
+
+
+def test_ddp_job_runs_two_gloo_processes_and_rank_0_alone_writes(work, ddp_reference):
+    log = completed(ddp_reference)
+    assert "DDP: 1 node(s) x 2 process(es) on cpu" in log
+    assert "distributed: 2 processes (gloo), 2 per node" in log
+    assert log.count("global batch 64 (2 processes x batch_size 32)") == 1
+    assert [path.name for path in (work / "ddp").iterdir()] == [DDP_RUN]
+    assert [record["epoch"] for record in metrics(work / "ddp" / DDP_RUN)] == [1, 2]
+
+
+def test_ddp_job_preempted_by_usr1_requeues_and_ends_like_an_uninterrupted_one(work, ddp_reference):
+    completed(ddp_reference)  # both need the 2 CPUs: one after the other
+    config = preemptible_config(work, "ddp_preempted")
+    job = Job.submit(work, "slurm/ddp_slurm.sh", str(config), sbatch=("--cpus-per-task=2",), env=DDP_ENV)
+    job.wait_for_log(r"epoch 1 train step 3/23")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True)
+    log = completed(job)
+    assert job.fields()["Restarts"] == "1"
+    assert f"requeueing job {job.id}" in log
+    # processes agree on stopping every 10 steps (or at the epoch's end), so the checkpoint is at one of those
+    assert re.search(r"resuming .*last\.pt at epoch (1, step (10|20)|2, step 0) of it", log), log
+    assert metrics(work / "ddp_preempted" / DDP_RUN) == metrics(work / "ddp" / DDP_RUN)
