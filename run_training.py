@@ -430,8 +430,6 @@ def run(args: argparse.Namespace, log_handler: logging.Handler) -> int:
             setup = prepare(config, device)
             start = None if args.dry_run else locate(setup, args.resume)
         stop.device = device
-        if not distributed.is_main_process():
-            logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
         if args.dry_run:
             print(describe(setup))
             return EXIT_OK
@@ -448,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.ERROR if distributed.launched_as_other_rank() else logging.INFO)  # rank 0 speaks for all
     logging.captureWarnings(True)
     try:
         return run(args, handler)

@@ -25,6 +25,11 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
+def launched_as_other_rank() -> bool:
+    """A torchrun process other than rank 0, known from its environment before the process group exists."""
+    return launched_by_torchrun() and int(os.environ["RANK"]) != 0
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
