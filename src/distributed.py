@@ -110,15 +110,6 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
-def broadcast_object(value: object) -> object:
-    """Rank 0's ``value`` on every process."""
-    if not is_distributed():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
