@@ -10,13 +10,14 @@ Two exact selection methods find the two order statistics the interpolation need
 * ``order_statistics_by_topk``: ``topk`` of the largest ``n - lower`` magnitudes, then the two
   smallest of those. Pure torch and free of host synchronisation, so CUDA/MPS tensors and
   ``torch.compile`` tracing use it; it is also the CPU method's fallback.
-* ``order_statistics_by_threshold`` (CPU): up to 2^16 elements, one numpy partition. Above, a
-  strided sample gives bounds ``low <= wanted magnitudes <= high`` that hold with overwhelming
-  probability. In cache-sized chunks viewed as ``[8, chunk/8]``, column maxima and minima pick the
-  few columns that can hold a magnitude ``>= low``; only those are gathered, the magnitudes above
-  ``high`` are counted and those inside ``[low, high]`` kept. The counts then check the bounds:
-  when a sample was unlucky the topk method runs instead, so the result never depends on the
-  sample. The kept band (~1 % of the tensor) is narrowed the same way and finally partitioned.
+* ``order_statistics_by_threshold`` (CPU, numpy): Floyd-Rivest selection. A strided sample
+  gives bounds ``low <= wanted magnitudes <= high`` that hold with overwhelming probability; one
+  pass keeps the band ``[low, high]`` (~1 % of the set) and counts what lies above it, the counts
+  check the bounds, and the band is narrowed the same way until it is small enough to partition.
+  Above 2^17 elements |w| is never materialised: in cache-sized chunks viewed as ``[8, chunk/8]``,
+  column maxima and minima pick the few columns that can hold a magnitude ``>= low`` and only
+  those are gathered. When the first check fails (an unlucky or adversarial sample) the topk
+  method runs instead, so the result never depends on the sample.
 """
 from __future__ import annotations
 
@@ -28,8 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Up to this many elements one numpy partition (a SIMD quickselect for two ranks) beats everything else.
-DIRECT_SELECTION_SIZE = 1 << 16
+# Sets up to this size are partitioned directly (numpy's introselect, ~5 ns per element).
+DIRECT_SELECTION_SIZE = 1 << 11
+# Below this size |w| is materialised and narrowed directly; above, the column method avoids that.
+COLUMN_METHOD_MIN_SIZE = 1 << 17
+# Samples hold about 1/32 of a set, at most this many elements.
 SAMPLE_SIZE = 1 << 13
 # Bounds sit this many binomial standard deviations beyond the rank a sample element is expected at.
 SAMPLE_MARGIN_SIGMAS = 5.0
@@ -106,11 +110,11 @@ def order_statistics_by_threshold(values: Tensor, lower: int, upper: int) -> tup
     n = values.numel()
     needed, spread = n - lower, upper - lower  # the needed-th and (needed - spread)-th largest magnitudes
     array = values.numpy()
-    if n <= DIRECT_SELECTION_SIZE:
+    if n <= COLUMN_METHOD_MIN_SIZE:
         magnitudes = np.abs(array)
         if math.isnan(magnitudes.max()):
             return nan_pair(values.dtype)
-        return pair_of(partition_pair(magnitudes, lower, spread))
+        return pair_of(select_largest(magnitudes, needed, spread))
     bounds = sampled_bounds(np.abs(array[:: sample_stride(n)]), n, needed, spread)
     if bounds is None:
         return None
@@ -129,12 +133,25 @@ def order_statistics_by_threshold(values: Tensor, lower: int, upper: int) -> tup
         hits = torch.from_numpy(np.flatnonzero((column_max >= low_bound) | (column_min <= -low_bound)))
         gathered = columns.index_select(1, hits).numpy().ravel()
         magnitudes = np.abs(np.concatenate([gathered, tail]) if tail.size else gathered)
-        above += np.count_nonzero(magnitudes > high_bound)
-        bands.append(magnitudes[(magnitudes >= low_bound) & (magnitudes <= high_bound)])
+        chunk_above, chunk_band = split_at_bounds(magnitudes, low_bound, high_bound)
+        above += chunk_above
+        bands.append(chunk_band)
     band = np.concatenate(bands)
-    if above > needed - spread - 1 or above + band.size < needed:
+    if not brackets(above, band.size, needed, spread):
         return None
     return pair_of(select_largest(band, needed - above, spread))
+
+
+def split_at_bounds(magnitudes: np.ndarray, low_bound: float, high_bound: float) -> tuple[int, np.ndarray]:
+    """(how many lie above high_bound, those in [low_bound, high_bound]); one pass over the full set."""
+    candidates = magnitudes[magnitudes >= low_bound]
+    band = candidates[candidates <= high_bound]
+    return candidates.size - band.size, band
+
+
+def brackets(above: int, band_size: int, needed: int, spread: int) -> bool:
+    """Whether the needed-th and (needed - spread)-th largest both lie in the band."""
+    return above <= needed - spread - 1 and above + band_size >= needed
 
 
 def select_largest(magnitudes: np.ndarray, needed: int, spread: int) -> np.ndarray:
@@ -147,11 +164,9 @@ def select_largest(magnitudes: np.ndarray, needed: int, spread: int) -> np.ndarr
         bounds = sampled_bounds(magnitudes[:: sample_stride(magnitudes.size)], magnitudes.size, needed, spread)
         if bounds is None:
             break
-        low_bound, high_bound = bounds
-        above = np.count_nonzero(magnitudes > high_bound)
-        band = magnitudes[(magnitudes >= low_bound) & (magnitudes <= high_bound)]
+        above, band = split_at_bounds(magnitudes, *bounds)
         # An unlucky sample, or ties that keep the band from shrinking: select from the set as it stands.
-        if above > needed - spread - 1 or above + band.size < needed or band.size > magnitudes.size // 2:
+        if not brackets(above, band.size, needed, spread) or band.size > magnitudes.size // 2:
             break
         magnitudes, needed = band, needed - above
     return partition_pair(magnitudes, magnitudes.size - needed, spread)
@@ -190,9 +205,9 @@ def sampled_bounds(sample: np.ndarray, size: int, needed: int, spread: int) -> t
 
 @functools.lru_cache(maxsize=4096)
 def sample_stride(n: int) -> int:
-    """About n / SAMPLE_SIZE, coprime with 2, 3, 5 and 7 so that the sample does not lock onto a
-    kernel position or channel pattern of the weight layout."""
-    stride = max(1, n // SAMPLE_SIZE)
+    """About n / min(SAMPLE_SIZE, n / 32), coprime with 2, 3, 5 and 7 so that the sample does not lock
+    onto a kernel position or channel pattern of the weight layout."""
+    stride = max(1, n // min(SAMPLE_SIZE, max(n // 32, 1)))
     while math.gcd(stride, 210) != 1:
         stride += 1
     return stride

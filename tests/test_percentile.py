@@ -36,7 +36,7 @@ def assert_identical(result: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Send mid-sized tensors down the sampled path in several chunks, with tails."""
-    monkeypatch.setattr(percentile, "DIRECT_SELECTION_SIZE", 512)
+    monkeypatch.setattr(percentile, "COLUMN_METHOD_MIN_SIZE", 512)
     monkeypatch.setattr(percentile, "CHUNK_SIZE", 8 * 1000)
     monkeypatch.setattr(percentile, "SAMPLE_SIZE", 1024)
 

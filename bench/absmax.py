@@ -1,0 +1,96 @@
+"""The quantizers' robust absmax (exact 99th percentile of |w|) against a plain max, per call.
+
+    python bench/absmax.py [--sizes 1e3,1e4,...] [--threads N] [--repeats 15] [--clock wall|cpu]
+                           [--reference-up-to 3e6] [--json PATH]
+
+For each size a random normal tensor is reduced by ``robust_absmax`` and, interleaved with it,
+by the two plain ranges it replaces: ``w.max()`` (one reduction) and ``w.abs().max()`` (the
+absmax a uniform quantizer uses). Medians per call and the ratios to both are printed; the
+previous implementation (two full ``kthvalue`` selections) is timed too up to
+``--reference-up-to`` elements. The last line is the worst ratio to ``w.max()``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.percentile import quantile_ranks, robust_absmax  # noqa: E402
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+DEFAULT_SIZES = "1e3,1e4,36864,1e5,1e6,2359296,16777216,3.4e7"
+
+
+def kthvalue_percentile(weight: torch.Tensor) -> torch.Tensor:
+    """The previous implementation: two kthvalue selections over all of |w|."""
+    magnitudes = weight.abs().flatten()
+    lower, upper, frac = quantile_ranks(magnitudes.numel(), 0.99, magnitudes.dtype)
+    return torch.lerp(magnitudes.kthvalue(lower + 1).values, magnitudes.kthvalue(upper + 1).values, frac)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated element counts")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved calls per method (more for small sizes)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    parser.add_argument("--reference-up-to", type=float, default=3e6, help="largest size the kthvalue version runs on")
+    parser.add_argument("--json", default="runs/bench/absmax.json")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    now = CLOCKS[args.clock]
+    results = {}
+    for size in (int(float(text)) for text in args.sizes.split(",")):
+        weight = torch.randn(size, generator=torch.Generator().manual_seed(size))
+        methods = {"robust_absmax": lambda: robust_absmax(weight), "max": lambda: weight.max(),
+                   "abs_max": lambda: weight.abs().max()}
+        if size <= args.reference_up_to:
+            methods["kthvalue"] = lambda: kthvalue_percentile(weight)
+        repeats = args.repeats * max(1, int(20 / math.log10(size)) if size < 1e5 else 1)
+        times = {name: [] for name in methods}
+        for method in methods.values():
+            method()
+        for _ in range(repeats):
+            for name, method in methods.items():
+                start = now()
+                method()
+                times[name].append(now() - start)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        results[size] = {"median_s": medians, "vs_max": medians["robust_absmax"] / medians["max"],
+                         "vs_abs_max": medians["robust_absmax"] / medians["abs_max"], "repeats": repeats}
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    path.write_text(json.dumps({"args": vars(args), "load_after": load, "torch": torch.__version__,
+                                "results": results}, indent=2))
+
+    print(f"{args.threads} threads | {args.clock} clock | torch {torch.__version__}"
+          + (f" | load average {load[0]:.1f}" if load else ""))
+    print(f"{'elements':>11} {'robust ms':>10} {'max ms':>8} {'|w|.max ms':>10} {'kthvalue ms':>11} "
+          f"{'/max':>6} {'/|w|.max':>8}")
+    for size, result in results.items():
+        medians = result["median_s"]
+        reference = f"{medians['kthvalue'] * 1e3:>11.3f}" if "kthvalue" in medians else f"{'-':>11}"
+        print(f"{size:>11,} {medians['robust_absmax'] * 1e3:>10.3f} {medians['max'] * 1e3:>8.3f} "
+              f"{medians['abs_max'] * 1e3:>10.3f} {reference} {result['vs_max']:>6.1f} {result['vs_abs_max']:>8.1f}")
+    worst = max(results.items(), key=lambda item: item[1]["vs_max"])
+    print(f"results: {path}")
+    print(f"worst robust_absmax / max ratio: {worst[1]['vs_max']:.1f} ({worst[0]:,} elements)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""What QAT costs over FP32: training step and validation batch, measured side by side.
+
+    python bench/step_overhead.py [--device cpu|cuda] [--models resnet20,resnet18,vit] [--threads N]
+                                  [--repeats 7] [--train-steps 3] [--val-batches 10] [--amp bf16]
+                                  [--channels-last] [--compile] [--clock wall|cpu] [--json PATH]
+
+For each model an FP32 network and a copy with CoDeQ dead-zone quantizers (learnable bit-width
+and dead zone, 4 bits, norm layers FP32) run the project's own ``train`` and ``validate`` on the
+same random batches held on the device. Repeats interleave the two (alternating which goes first)
+so drifting machine load hits both; each repeat gives a paired ratio QAT/FP32 and the table shows
+the median ratio with its range. A validation pass of ``--val-batches`` batches is timed per
+batch (the quantized weights are computed once per pass). The last line printed is the worst
+median ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.models import create_model  # noqa: E402
+from src.performance import StepSettings  # noqa: E402
+from src.quantizer import DeadZoneLDZCompander  # noqa: E402
+from src.train import train, validate  # noqa: E402
+from src.utils_quantization import attach_weight_quantizers  # noqa: E402
+
+QAT_KWARGS = {"fixed_bit_val": 4, "max_bits": 8, "learnable_bit": True, "learnable_deadzone": True}
+
+
+@dataclass
+class BenchModel:
+    """A network, its input size and batch, and the layers left FP32 (norms)."""
+
+    build: object
+    img_size: int
+    batch_size: int
+    exclude: tuple[str, ...]
+
+
+def torchvision_resnet18() -> nn.Module:
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=10)
+
+
+MODELS = {
+    "resnet20": BenchModel(lambda: create_model("resnet20", 10, 32), 32, 128, ("bn",)),
+    "resnet18": BenchModel(torchvision_resnet18, 224, 32, ("bn", "downsample.1")),
+    "vit": BenchModel(lambda: create_model("vit", 10, 224), 224, 32, ("norm",)),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default="resnet20,resnet18", help=f"comma-separated from {', '.join(MODELS)}")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--train-steps", type=int, default=3, help="training steps per timed repeat")
+    parser.add_argument("--val-batches", type=int, default=10, help="batches per timed validation pass")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (config key amp)")
+    parser.add_argument("--channels-last", action="store_true", help="config key channels_last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (config key use_compile)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: process CPU time, steadier when other jobs share the cores")
+    parser.add_argument("--json", default="runs/bench/step_overhead.json", help="where the results are written")
+    return parser.parse_args()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(device: torch.device, run, clock: str) -> float:
+    """Seconds ``run`` takes: wall clock, or CPU time of this process (all its threads), which a
+    busy shared machine inflates less."""
+    now = CLOCKS[clock]
+    synchronize(device)
+    start = now()
+    run()
+    synchronize(device)
+    return now() - start
+
+
+class Variant:
+    """One model (FP32 or QAT) with its optimizer, ready to train and validate on fixed batches."""
+
+    def __init__(self, model: nn.Module, settings: StepSettings, compile_model: bool) -> None:
+        self.model = settings.prepare_model(model)
+        self.forward_model = torch.compile(model) if compile_model else model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.settings = settings
+        self.criterion = nn.CrossEntropyLoss()
+
+    def train(self, batches: list) -> None:
+        train(batches, self.forward_model, self.criterion, self.optimizer, 1, self.settings.device,
+              log_interval=10**9, step_settings=self.settings)
+
+    def validate(self, batches: list) -> None:
+        validate(batches, self.forward_model, self.criterion, self.settings.device, log_interval=10**9,
+                 step_settings=self.settings)
+
+
+def random_batches(count: int, spec: BenchModel, device: torch.device) -> list:
+    generator = torch.Generator().manual_seed(count)
+    return [(torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size, generator=generator).to(device),
+             torch.randint(0, 10, (spec.batch_size,), generator=generator).to(device)) for _ in range(count)]
+
+
+def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    spec = MODELS[name]
+    torch.manual_seed(0)
+    fp32_model = spec.build().to(device)
+    qat_model = copy.deepcopy(fp32_model)
+    attach_weight_quantizers(qat_model, spec.exclude, DeadZoneLDZCompander, QAT_KWARGS)
+    settings = StepSettings(device, args.amp, args.channels_last)
+    variants = {"fp32": Variant(fp32_model, settings, args.compile), "qat": Variant(qat_model, settings, args.compile)}
+    train_batches = random_batches(args.train_steps, spec, device)
+    val_batches = random_batches(args.val_batches, spec, device)
+    for variant in variants.values():  # warm-up: allocator, kernels, compilation
+        variant.train(train_batches[:1])
+        variant.validate(val_batches[:2])
+    times = {phase: {key: [] for key in variants} for phase in ("train", "val")}
+    for repeat in range(args.repeats):
+        order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
+        for key in order:
+            times["train"][key].append(timed(device, lambda: variants[key].train(train_batches), args.clock) / args.train_steps)
+        for key in order:
+            times["val"][key].append(timed(device, lambda: variants[key].validate(val_batches), args.clock) / args.val_batches)
+    result = {"batch_size": spec.batch_size, "img_size": spec.img_size,
+              "quantized_weights": sum(p.numel() for n, p in qat_model.named_parameters() if n.endswith("original"))}
+    for phase, by_variant in times.items():
+        ratios = [q / f for q, f in zip(by_variant["qat"], by_variant["fp32"])]
+        result[phase] = {"fp32_s": by_variant["fp32"], "qat_s": by_variant["qat"], "ratios": ratios,
+                         "fp32_median_s": statistics.median(by_variant["fp32"]),
+                         "qat_median_s": statistics.median(by_variant["qat"]),
+                         "ratio": statistics.median(ratios)}
+    return result
+
+
+def machine(device: torch.device, threads: int) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def load_average() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    report = {"machine": machine(device, args.threads), "args": vars(args), "load_before": load_average(),
+              "models": {}}
+    for name in args.models.split(","):
+        report["models"][name] = measure(name, args, device)
+    report["load_after"] = load_average()
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+
+    load = (f" | load average {report['load_before'][0]:.1f} -> {report['load_after'][0]:.1f}"
+            if report["load_before"] else "")
+    print(f"{report['machine']['cpu']} | {args.threads} threads | device {device} | torch {torch.__version__} | "
+          f"amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} | {args.clock} clock{load}")
+    print(f"{'model':<9} {'batch':>5} {'phase':<5} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} {'range':>13}")
+    worst = (0.0, "")
+    for name, result in report["models"].items():
+        for phase in ("train", "val"):
+            entry = result[phase]
+            low, high = min(entry["ratios"]), max(entry["ratios"])
+            print(f"{name:<9} {result['batch_size']:>5} {phase:<5} {entry['fp32_median_s'] * 1e3:>9.1f} "
+                  f"{entry['qat_median_s'] * 1e3:>9.1f} {entry['ratio']:>8.3f} {low:>6.3f}-{high:.3f}")
+            worst = max(worst, (entry["ratio"], f"{name} {phase}"))
+    print(f"results: {path}")
+    print(f"worst QAT/FP32 ratio: {worst[0]:.3f} ({worst[1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
