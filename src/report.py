@@ -102,11 +102,13 @@ def markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -
 def summary_table(report: dict[str, Any]) -> str:
     """The paper-style table of one run, plus the numbers behind it."""
     size = report["size"]
+    best = report.get("best_val_acc")
     return "\n".join([
         markdown_table(SUMMARY_COLUMNS, [summary_row(report)]),
         "",
-        f"Structured Rel. BOPs (whole null channels only): {percent(report['rel_bops_structured'])} %",
-        f"Size: {size['fp32_bytes']:,} B FP32 -> {size['compressed_bytes']:,} B compressed ({size['ratio']:.2f}x)",
+        f"- Acc is the reported model's validation accuracy; best of the run up to it: {percent(best)} % (best.pt)",
+        f"- Structured Rel. BOPs (whole null channels only): {percent(report['rel_bops_structured'])} %",
+        f"- Size: {size['fp32_bytes']:,} B FP32 -> {size['compressed_bytes']:,} B compressed ({size['ratio']:.2f}x)",
     ])
 
 
@@ -136,10 +138,8 @@ def layer_table(report: dict[str, Any]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     epoch = f", epoch {report['epoch']}" if report.get("epoch") is not None else ""
-    best = f"Best validation accuracy of the run: {percent(report['best_val_acc'])} %\n\n" \
-        if report.get("best_val_acc") is not None else ""
     return (f"# Compression report: {report['model']} on {report['dataset']}{epoch}\n\n"
-            f"{summary_table(report)}\n\n{best}"
+            f"{summary_table(report)}\n\n"
             f"Dense MACs per sample: {report['macs']:,}; BOPs: {report['bops']:.4g} of {report['dense_bops']:.4g} "
             f"dense 32x32 (definitions: docs/compression.md)\n\n"
             f"## Per layer\n\n{layer_table(report)}\n")
