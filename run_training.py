@@ -265,8 +265,9 @@ class TrainingRun:
             self.train_loader, self.val_loader = build_loaders(
                 data, config.batch_size, config.workers, self.generator, pin_memory=setup.device.type == "cuda",
                 rank=distributed.rank(), world_size=distributed.world_size())
-        log.info("global batch %d (%d processes x batch_size %d)", config.batch_size * distributed.world_size(),
-                 distributed.world_size(), config.batch_size)
+        if distributed.world_size() > 1:
+            log.info("global batch %d (%d processes x batch_size %d)", config.batch_size * distributed.world_size(),
+                     distributed.world_size(), config.batch_size)
 
         self.step_settings = StepSettings(setup.device, config.amp, config.channels_last)
         self.epoch, self.global_step, self.best_val_acc = 0, 0, 0.0

@@ -38,7 +38,8 @@ def slurm_problem() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(slurm_problem() is not None, reason=f"needs Slurm: {slurm_problem()}")
+SLURM_PROBLEM = slurm_problem()
+pytestmark = pytest.mark.skipif(SLURM_PROBLEM is not None, reason=f"needs Slurm: {SLURM_PROBLEM}")
 
 
 class Job:
