@@ -113,8 +113,14 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = getattr(self.sampler, "epoch", 0)
         first = getattr(self.sampler, "start", 0) // max(getattr(self.batch_sampler, "batch_size", 1), 1)
-        for number, indices in enumerate(self.batch_sampler, start=first):
-            index = torch.as_tensor(indices, device=self.data.images.device)
+        batches = list(self.batch_sampler)
+        # One host-to-device copy per epoch: a copy per batch would stall the GPU on every batch.
+        order = torch.as_tensor([i for batch in batches for i in batch], dtype=torch.long).to(
+            self.data.images.device, non_blocking=True)
+        start = 0
+        for number, batch in enumerate(batches, start=first):
+            index = order[start: start + len(batch)]
+            start += len(batch)
             self.generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + number) % 2**63)
             yield self.data.prepare(self.data.images[index], self.generator), self.data.labels[index]
 
