@@ -59,8 +59,8 @@ def random_tensor(rng: random.Random, n: int) -> torch.Tensor:
 
 def test_rank_formula_is_torch_quantiles():
     rng = random.Random(0)
-    for _ in range(300):
-        n = rng.choice([rng.randrange(1, 300), rng.randrange(300, 200_000)])
+    for _ in range(150):
+        n = rng.choice([rng.randrange(1, 300), rng.randrange(300, 60_000)])
         q = rng.choice([0.99, 0.5, 0.9, 0.999, 0.0, 1.0, rng.random()])
         w = random_tensor(rng, n)
         assert_identical(kthvalue_reference(w, q), quantile(w, q))
