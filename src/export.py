@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from src.compression import (SCALE_BYTES, compressed_weight, inference_state, mo
 from src.config import ConfigError
 from src.data import DATASET_REGISTRY
 from src.models import create_model
-from src.quantizer import DeadZoneLDZCompander, UniformSymmetric, levels
+from src.quantizer import levels
 from src.report import model_from_checkpoint, resolve_checkpoint
 from src.utils_quantization import latent_weight
 
@@ -42,23 +41,6 @@ EXIT_BAD_INPUT = 2
 
 class ExportError(ValueError):
     pass
-
-
-def dead_zone_offset(readout: dict[str, float], step: Tensor) -> Tensor:
-    # The dead-zone quantizer's offset delta = d/2 - s/2, computed as it does in the weight's dtype.
-    deadzone = torch.tensor(readout["deadzone"], dtype=step.dtype)
-    return deadzone / 2 - step / 2
-
-
-def no_offset(readout: dict[str, float], step: Tensor) -> Tensor:
-    return torch.zeros((), dtype=step.dtype)
-
-
-# How each quantizer's offset follows from its read-outs; a quantizer without a rule cannot be exported.
-OFFSET_RULES: dict[type, Callable[[dict[str, float], Tensor], Tensor]] = {
-    DeadZoneLDZCompander: dead_zone_offset,
-    UniformSymmetric: no_offset,
-}
 
 
 def pack_bits(values: Tensor, bits: int) -> Tensor:
@@ -83,19 +65,17 @@ def decode_weight(codes: Tensor, step: Tensor, offset: Tensor) -> Tensor:
 def layer_codes(module: nn.Module) -> tuple[Tensor, Tensor, Tensor, int]:
     """(integer codes, step, offset, bits) of a quantized module; they decode to its weight exactly."""
     quantizer = quantizer_of(module)
-    rule = OFFSET_RULES.get(type(quantizer))
-    if rule is None:
-        raise ExportError(f"no export rule for quantizer {type(quantizer).__name__}; add one to OFFSET_RULES")
+    if not hasattr(quantizer, "grid"):
+        raise ExportError(f"quantizer {type(quantizer).__name__} has no grid(weight) method, so it cannot be exported")
     weight = compressed_weight(module).cpu()
-    readout = quantizer.stats(latent_weight(module))
-    bits = round(readout["bits"])
-    step = torch.tensor(readout["step"], dtype=weight.dtype)
-    offset = rule(readout, step)
+    with torch.no_grad():
+        bits, step, offset = quantizer.grid(latent_weight(module))
+    bits, step, offset = round(float(bits)), step.to("cpu", weight.dtype), offset.to("cpu", weight.dtype)
     signed = weight.double() - torch.sign(weight).double() * offset.double()
     codes = torch.round(signed / step.double()).long()
     if codes.abs().max() > levels(bits) or not torch.equal(decode_weight(codes, step, offset), weight):
         raise ExportError(f"{type(quantizer).__name__} output is not sign(c)*offset + step*c with codes in "
-                          f"[-{levels(bits)}, {levels(bits)}]; its OFFSET_RULES entry is out of date")
+                          f"[-{levels(bits)}, {levels(bits)}]; its grid() does not describe its output")
     return codes, step, offset, bits
 
 

@@ -115,9 +115,13 @@ class DeadZoneLDZCompander(nn.Module):
         step = (absmax - deadzone / 2) / (levels(bits) - 0.5) + 1e-8
         return bits, deadzone, step
 
-    def forward(self, weight: Tensor) -> Tensor:
+    def grid(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(bits, step s, offset delta): ``weight`` quantizes to sign(c) delta + s c, c in [-Q, Q]."""
         bits, deadzone, step = self.step_params(robust_absmax(weight))
-        offset = deadzone / 2 - step / 2
+        return bits, step, deadzone / 2 - step / 2
+
+    def forward(self, weight: Tensor) -> Tensor:
+        bits, step, offset = self.grid(weight)
         return DeadZoneQuantize.apply(weight, offset, step, levels(bits))
 
     @torch.no_grad()
@@ -145,6 +149,11 @@ class UniformSymmetric(nn.Module):
     def scale(self, weight: Tensor) -> Tensor:
         # The clamp keeps an all-zero tensor at zero instead of 0/0.
         return (weight.detach().abs().max() / levels(self.bitwidth)).clamp_min(torch.finfo(weight.dtype).tiny)
+
+    def grid(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(bits, step s, offset 0): ``weight`` quantizes to s c, c in [-Q, Q]."""
+        step = self.scale(weight)
+        return step.new_full((), float(self.bitwidth)), step, torch.zeros_like(step)
 
     def forward(self, weight: Tensor) -> Tensor:
         step = self.scale(weight)
