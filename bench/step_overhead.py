@@ -35,7 +35,7 @@ from src.models import create_model  # noqa: E402
 from src.performance import StepSettings  # noqa: E402
 from src.quantizer import DeadZoneLDZCompander  # noqa: E402
 from src.train import train, validate  # noqa: E402
-from src.utils_quantization import attach_weight_quantizers  # noqa: E402
+from src.utils_quantization import attach_weight_quantizers, quantized_layers  # noqa: E402
 
 # round(tanh(0.35) * (8 - 2) + 2) = 4 bits to start from.
 QAT_KWARGS = {"fixed_bit_val": 4, "max_bits": 8, "init_bit_logit": 0.35, "learnable_bit": True,
@@ -126,6 +126,28 @@ def random_batches(count: int, spec: BenchModel, device: torch.device) -> list:
              torch.randint(0, 10, (spec.batch_size,), generator=generator).to(device)) for _ in range(count)]
 
 
+class QuantizerPass:
+    """Every quantizer of a model on its own: forward and backward as in a training step (with a
+    fixed random upstream gradient), or forward only as once per validation pass. Timing it next
+    to the steps gives the quantizers' own share, which machine noise blurs less than a ratio."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [module for _, module, _ in quantized_layers(model)]
+        generator = torch.Generator().manual_seed(1)
+        self.upstream = [torch.randn(module.weight.shape, generator=generator).to(module.weight.device)
+                         for module in self.modules]
+        self.model = model
+
+    def train(self) -> None:
+        torch.autograd.backward([module.weight for module in self.modules], self.upstream)
+        self.model.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        for module in self.modules:
+            module.weight
+
+
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     spec = MODELS[name]
     torch.manual_seed(0)
@@ -139,7 +161,9 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     for variant in variants.values():  # kernels, allocator and compilation warm up
         variant.train(train_batches[:1])
         variant.validate(val_batches[:2])
-    times = {phase: {key: [] for key in variants} for phase in ("train", "val")}
+    quantizers = QuantizerPass(qat_model)
+    quantizers.train()
+    times = {phase: {key: [] for key in (*variants, "quantizers")} for phase in ("train", "val")}
     for repeat in range(args.repeats):
         order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
         for key in order:
@@ -152,14 +176,18 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             variants[key].validate(val_batches[:1])
             times["val"][key].append(
                 timed(device, lambda: variants[key].validate(val_batches), args.clock) / args.val_batches)
+        times["train"]["quantizers"].append(timed(device, quantizers.train, args.clock))
+        times["val"]["quantizers"].append(timed(device, quantizers.validate, args.clock) / args.val_batches)
     result = {"batch_size": spec.batch_size, "img_size": spec.img_size,
               "quantized_weights": sum(p.numel() for n, p in qat_model.named_parameters() if n.endswith("original"))}
     for phase, by_variant in times.items():
         ratios = [q / f for q, f in zip(by_variant["qat"], by_variant["fp32"])]
+        shares = [q / f for q, f in zip(by_variant["quantizers"], by_variant["fp32"])]
         result[phase] = {"fp32_s": by_variant["fp32"], "qat_s": by_variant["qat"], "ratios": ratios,
+                         "quantizers_s": by_variant["quantizers"],
                          "fp32_median_s": statistics.median(by_variant["fp32"]),
                          "qat_median_s": statistics.median(by_variant["qat"]),
-                         "ratio": statistics.median(ratios)}
+                         "ratio": statistics.median(ratios), "quantizer_share": statistics.median(shares)}
     return result
 
 
@@ -198,14 +226,16 @@ def main() -> int:
             if report["load_before"] else "")
     print(f"{report['machine']['cpu']} | {args.threads} threads | device {device} | torch {torch.__version__} | "
           f"amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} | {args.clock} clock{load}")
-    print(f"{'model':<9} {'batch':>5} {'phase':<5} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} {'range':>13}")
+    print(f"{'model':<9} {'batch':>5} {'phase':<5} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} {'range':>13} "
+          f"{'quantizers alone':>16}")
     worst = (0.0, "")
     for name, result in report["models"].items():
         for phase in ("train", "val"):
             entry = result[phase]
             low, high = min(entry["ratios"]), max(entry["ratios"])
             print(f"{name:<9} {result['batch_size']:>5} {phase:<5} {entry['fp32_median_s'] * 1e3:>9.1f} "
-                  f"{entry['qat_median_s'] * 1e3:>9.1f} {entry['ratio']:>8.3f} {low:>6.3f}-{high:.3f}")
+                  f"{entry['qat_median_s'] * 1e3:>9.1f} {entry['ratio']:>8.3f} {low:>6.3f}-{high:.3f} "
+                  f"{entry['quantizer_share']:>15.1%}")
             worst = max(worst, (entry["ratio"], f"{name} {phase}"))
     print(f"results: {path}")
     print(f"worst QAT/FP32 ratio: {worst[0]:.3f} ({worst[1]})")
