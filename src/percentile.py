@@ -41,7 +41,6 @@ COLUMNS = 8
 CHUNK_SIZE = 1 << 20
 
 
-@torch.no_grad()
 def robust_absmax(weight: Tensor, q: float = 0.99) -> Tensor:
     """q-quantile of |weight|, bit-identical to ``torch.quantile(weight.abs().flatten(), q)``.
 
@@ -50,7 +49,7 @@ def robust_absmax(weight: Tensor, q: float = 0.99) -> Tensor:
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"q must be in [0, 1], got {q}")
-    values = flat_view(weight.detach())
+    values = flat_view(weight.detach())  # detached: nothing below records a graph (cheaper than no_grad)
     if values.numel() == 0:
         raise ValueError("robust_absmax of an empty tensor")
     result_dtype = values.dtype
