@@ -28,6 +28,16 @@ export PYTHONUNBUFFERED=1  # log lines reach the Slurm output file as they happe
 
 codeq_log() { echo "[codeq $(date +%H:%M:%S)] $*"; }
 
+# codeq_need_args USAGE ARGS...: exits 2 with "usage: USAGE" unless ARGS holds at least one argument.
+codeq_need_args() {
+  local usage=$1
+  shift
+  if (( $# < 1 )); then
+    echo "usage: $usage" >&2
+    exit 2
+  fi
+}
+
 codeq_job_header() {
   codeq_log "job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ (array task $SLURM_ARRAY_TASK_ID)}" \
     "restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-$(hostname)}; python $CODEQ_PYTHON"

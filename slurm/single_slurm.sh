@@ -28,10 +28,7 @@ script=${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command
 # shellcheck source=slurm/common.sh
 source "$(dirname "${script:-$0}")/common.sh"
 
-if (( $# < 1 )); then
-  echo "usage: sbatch [options] slurm/single_slurm.sh CONFIG [run_training.py args]" >&2
-  exit 2
-fi
+codeq_need_args "sbatch [options] slurm/single_slurm.sh CONFIG [run_training.py args]" "$@"
 config=$1
 shift
 

@@ -20,10 +20,7 @@ script=${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command
 # shellcheck source=slurm/common.sh
 source "$(dirname "${script:-$0}")/common.sh"
 
-if (( $# < 1 )); then
-  echo "usage: bash slurm/sweep.sh SWEEP.yaml [sbatch options]" >&2
-  exit 2
-fi
+codeq_need_args "bash slurm/sweep.sh SWEEP.yaml [sbatch options]" "$@"
 sweep=$1
 shift
 
