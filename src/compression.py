@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from src.utils_quantization import FakeQuantParametrization, latent_weight, quantized_layers
+from src.utils_quantization import latent_weight, quantized_layers, quantizer_of
 
 MAC_LAYERS = (nn.Conv2d, nn.Linear)
 FP32_BITS = 32
@@ -63,15 +63,6 @@ class LayerStats:
         if self.structured_macs is None:
             return None
         return self.structured_macs * self.bits * ACTIVATION_BITS
-
-
-def quantizer_of(module: nn.Module) -> nn.Module | None:
-    """The weight quantizer attached to ``module``, or None."""
-    if parametrize.is_parametrized(module, "weight"):
-        for parametrization in module.parametrizations.weight:
-            if isinstance(parametrization, FakeQuantParametrization):
-                return parametrization.quantizer
-    return None
 
 
 def compressed_weight(module: nn.Module) -> Tensor:

@@ -26,13 +26,13 @@ from torch import Tensor, nn
 
 from src.checkpoint import CheckpointError, save_checkpoint
 from src.compression import (SCALE_BYTES, compressed_weight, inference_state, model_size, packed_code_bytes,
-                             quantizer_of, sparse_layout_is_smaller)
+                             sparse_layout_is_smaller)
 from src.config import ConfigError
 from src.data import DATASET_REGISTRY
 from src.models import create_model
 from src.quantizer import levels
 from src.report import model_from_checkpoint, resolve_checkpoint
-from src.utils_quantization import latent_weight
+from src.utils_quantization import latent_weight, quantizer_of
 
 FORMAT = "codeq-export"
 VERSION = 1

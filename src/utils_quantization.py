@@ -61,13 +61,27 @@ def attach_weight_quantizers(
     return attached
 
 
+def fake_quantization(module: nn.Module) -> FakeQuantParametrization | None:
+    """The fake-quantizer parametrization on ``module``'s weight, or None."""
+    if parametrize.is_parametrized(module, "weight"):
+        for parametrization in module.parametrizations.weight:
+            if isinstance(parametrization, FakeQuantParametrization):
+                return parametrization
+    return None
+
+
+def quantizer_of(module: nn.Module) -> nn.Module | None:
+    """The weight quantizer attached to ``module``, or None."""
+    parametrization = fake_quantization(module)
+    return parametrization.quantizer if parametrization is not None else None
+
+
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, FakeQuantParametrization]]:
     """(name, module, parametrization) for every module whose weight carries a fake-quantizer."""
     for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for parametrization in module.parametrizations.weight:
-                if isinstance(parametrization, FakeQuantParametrization):
-                    yield name, module, parametrization
+        parametrization = fake_quantization(module)
+        if parametrization is not None:
+            yield name, module, parametrization
 
 
 def latent_weight(module: nn.Module) -> Tensor:
