@@ -12,21 +12,20 @@ previous implementation (two full ``kthvalue`` selections) is timed too up to
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import CLOCKS, load_average, write_results  # noqa: E402
+
 from src.percentile import quantile_ranks, robust_absmax  # noqa: E402
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 DEFAULT_SIZES = "1e3,1e4,36864,1e5,1e6,2359296,16777216,3.4e7"
 
 
@@ -71,11 +70,9 @@ def main() -> int:
         medians = {name: statistics.median(values) for name, values in times.items()}
         results[size] = {"median_s": medians, "vs_max": medians["robust_absmax"] / medians["max"],
                          "vs_abs_max": medians["robust_absmax"] / medians["abs_max"], "repeats": repeats}
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    path.write_text(json.dumps({"args": vars(args), "load_after": load, "torch": torch.__version__,
-                                "results": results}, indent=2))
+    load = load_average()
+    path = write_results(args.json, {"args": vars(args), "load_after": load, "torch": torch.__version__,
+                                     "results": results})
 
     print(f"{args.threads} threads | {args.clock} clock | torch {torch.__version__}"
           + (f" | load average {load[0]:.1f}" if load else ""))

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import CLOCKS, load_average, write_results  # noqa: E402
 
 from src.models import create_model  # noqa: E402
 from src.performance import StepSettings  # noqa: E402
@@ -85,9 +85,6 @@ def parse_args() -> argparse.Namespace:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def timed(device: torch.device, run, clock: str) -> float:
@@ -205,10 +202,6 @@ def machine(device: torch.device, threads: int) -> dict:
     return info
 
 
-def load_average() -> list[float] | None:
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -218,9 +211,7 @@ def main() -> int:
     for name in args.models.split(","):
         report["models"][name] = measure(name, args, device)
     report["load_after"] = load_average()
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    path = write_results(args.json, report)
 
     load = (f" | load average {report['load_before'][0]:.1f} -> {report['load_after'][0]:.1f}"
             if report["load_before"] else "")
