@@ -52,7 +52,8 @@ def attach_weight_quantizers(
         if any(pattern in name for pattern in exclude_layers):
             skipped.append(name)
             continue
-        parametrization = FakeQuantParametrization(quantizer(**quantizer_kwargs), enabled)
+        # The quantizer's own parameters live where the weight does, also when the model was moved first.
+        parametrization = FakeQuantParametrization(quantizer(**quantizer_kwargs), enabled).to(module.weight.device)
         parametrize.register_parametrization(module, "weight", parametrization)
         attached.append(name)
     log.info("quantized %d layers with %s: %s", len(attached), quantizer.__name__, ", ".join(attached))

@@ -8,7 +8,8 @@ from torch.nn.utils import parametrize
 
 from src.models import create_model
 from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
-from src.utils_quantization import attach_weight_quantizers, latent_weight, quantized_layers, toggle_quantization
+from src.utils_quantization import (attach_weight_quantizers, latent_weight, quantized_layers, quantizer_of,
+                                     toggle_quantization)
 
 
 def weight_owners(model: nn.Module) -> list[str]:
@@ -90,3 +91,11 @@ def test_attaching_twice_does_not_stack_quantizers():
     assert len(attach_weight_quantizers(model, [], UniformSymmetric, {})) == 3
     assert attach_weight_quantizers(model, [], UniformSymmetric, {}) == []
     assert all(len(m.parametrizations.weight) == 1 for _, m, _ in quantized_layers(model))
+
+
+def test_quantizer_parameters_follow_a_model_moved_before_attaching():
+    # On a GPU the logits must sit with the weights; "meta" stands in for a second device on a CPU-only host.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Conv2d(2, 2, 3)).to("meta")
+    attach_weight_quantizers(model, [], DeadZoneLDZCompander, {})
+    for layer in model:
+        assert {p.device.type for p in quantizer_of(layer).parameters()} == {"meta"}
