@@ -64,12 +64,14 @@ class DeadZoneQuantize(torch.autograd.Function):
         offset = dead_zone_offset(deadzone, step)
         max_code = levels(bits)
         sign = torch.sign(weight)
-        scaled = weight.abs().sub_(offset).relu_().mul_(sign).div_(step)
-        codes = torch.round(scaled).clamp_(-max_code, max_code)
+        # No in-place ops here: torch.compile's CUDA backend (torch 2.11, seen on an H200) miscompiled the
+        # earlier in-place version, whose weight gradients came out wrong while the CPU backend's were right.
+        scaled = torch.relu(weight.abs() - offset) * sign / step
+        codes = torch.clamp(torch.round(scaled), -max_code, max_code)
         code_sign = torch.sign(codes)
-        output = (code_sign * offset).add_(codes * step)
+        output = code_sign * offset + codes * step
         ctx.span = quantizer.max_bits - quantizer.min_bits
-        ctx.save_for_backward(sign, codes.sub_(scaled), code_sign.sub_(sign), absmax, deadzone, step, max_code,
+        ctx.save_for_backward(sign, codes - scaled, code_sign - sign, absmax, deadzone, step, max_code,
                               logit_dz, logit_bit)
         return output
 
