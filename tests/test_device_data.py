@@ -10,6 +10,9 @@ from src.data import CIFAR10_MEAN, CIFAR10_STD, DatasetPair, ResumableSampler
 from src.device_data import DeviceLoader, cifar_on_device, device_loaders, random_crop, random_flip
 from src.performance import StepSettings
 
+# The device-side pipeline on every device present (the GPU one where CUDA exists).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 class FakeCifar(torch.utils.data.Dataset):
     """What cifar10() hands over: uint8 images [N, 32, 32, 3] and a list of labels."""
@@ -68,9 +71,10 @@ def normalized(images: np.ndarray) -> torch.Tensor:
     return (tensor - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
 
 
-def test_loaders_follow_the_sampler_and_normalise_like_torchvision():
+@pytest.mark.parametrize("device", DEVICES)
+def test_loaders_follow_the_sampler_and_normalise_like_torchvision(device):
     pair = DatasetPair(FakeCifar(50, 0), FakeCifar(20, 1))
-    train, val = device_loaders("cifar10", pair, 32, 8, torch.device("cpu"), seed=3)
+    train, val = device_loaders("cifar10", pair, 32, 8, torch.device(device), seed=3)
     train.sampler.set_epoch(2)
     expected_order = epoch_order(pair.train, 2, 3)
     assert len(train) == len(expected_order) == 7
@@ -79,8 +83,9 @@ def test_loaders_follow_the_sampler_and_normalise_like_torchvision():
         assert labels.tolist() == [pair.train.labels[i] for i in indices]
     batches = list(val)
     assert [len(labels) for _, labels in batches] == [8, 8, 4]
-    torch.testing.assert_close(torch.cat([inputs for inputs, _ in batches]), normalized(pair.val.images))
-    torch.testing.assert_close(val.dataset[3][0], normalized(pair.val.images[3:4])[0])
+    assert {inputs.device.type for inputs, _ in batches} == {device}
+    torch.testing.assert_close(torch.cat([inputs for inputs, _ in batches]).cpu(), normalized(pair.val.images))
+    torch.testing.assert_close(val.dataset[3][0].cpu(), normalized(pair.val.images[3:4])[0])
 
 
 def epoch_order(dataset, epoch: int, seed: int, batch_size: int = 8) -> list[list[int]]:
@@ -89,11 +94,14 @@ def epoch_order(dataset, epoch: int, seed: int, batch_size: int = 8) -> list[lis
     return list(BatchSampler(sampler, batch_size, drop_last=False))
 
 
-def test_training_batches_are_augmented_crops_of_the_right_images():
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_batches_are_augmented_crops_of_the_right_images(device):
     pair = DatasetPair(FakeCifar(16, 0), FakeCifar(4, 1))
-    train, _ = device_loaders("cifar10", pair, 32, 16, torch.device("cpu"), seed=0)
+    train, _ = device_loaders("cifar10", pair, 32, 16, torch.device(device), seed=0)
     train.sampler.set_epoch(0)
     (inputs, _), = list(train)
+    assert inputs.device.type == device
+    inputs = inputs.cpu()
     indices = epoch_order(pair.train, 0, 0, batch_size=16)[0]
     plain = normalized(pair.train.images[indices])
     padding_value = normalized(np.zeros((1, 1, 1, 3), dtype=np.uint8))[0, :, 0, 0]
