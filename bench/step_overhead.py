@@ -2,7 +2,8 @@
 
     python bench/step_overhead.py [--device cpu|cuda] [--models resnet20,resnet18,vit] [--threads N]
                                   [--repeats 7] [--train-steps 3] [--val-batches 10] [--amp bf16]
-                                  [--channels-last] [--compile] [--clock wall|cpu] [--json PATH]
+                                  [--channels-last] [--compile [--compile-mode MODE]] [--clock wall|cpu]
+                                  [--json PATH]
 
 For each model an FP32 network and a copy with CoDeQ dead-zone quantizers (learnable bit-width
 and dead zone starting at 4 bits, norm layers FP32) run the project's own ``train`` and
@@ -76,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (config key amp)")
     parser.add_argument("--channels-last", action="store_true", help="config key channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (config key use_compile)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or max-autotune")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: process CPU time, steadier when other jobs share the cores")
     parser.add_argument("--json", default="runs/bench/step_overhead.json", help="where the results are written")
@@ -101,9 +104,9 @@ def timed(device: torch.device, run, clock: str) -> float:
 class Variant:
     """One model (FP32 or QAT) with its optimizer, ready to train and validate on fixed batches."""
 
-    def __init__(self, model: nn.Module, settings: StepSettings, compile_model: bool) -> None:
+    def __init__(self, model: nn.Module, settings: StepSettings, compile_model: bool, mode: str | None) -> None:
         self.model = settings.prepare_model(model)
-        self.forward_model = torch.compile(model) if compile_model else model
+        self.forward_model = torch.compile(model, mode=mode) if compile_model else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.settings = settings
         self.criterion = nn.CrossEntropyLoss()
@@ -152,7 +155,8 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     qat_model = copy.deepcopy(fp32_model)
     attach_weight_quantizers(qat_model, spec.exclude, DeadZoneLDZCompander, QAT_KWARGS)
     settings = StepSettings(device, args.amp, args.channels_last)
-    variants = {"fp32": Variant(fp32_model, settings, args.compile), "qat": Variant(qat_model, settings, args.compile)}
+    variants = {key: Variant(model, settings, args.compile, args.compile_mode)
+                for key, model in (("fp32", fp32_model), ("qat", qat_model))}
     train_batches = random_batches(args.train_steps, spec, device)
     val_batches = random_batches(args.val_batches, spec, device)
     for variant in variants.values():  # kernels, allocator and compilation warm up
@@ -216,7 +220,8 @@ def main() -> int:
     load = (f" | load average {report['load_before'][0]:.1f} -> {report['load_after'][0]:.1f}"
             if report["load_before"] else "")
     print(f"{report['machine']['cpu']} | {args.threads} threads | device {device} | torch {torch.__version__} | "
-          f"amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} | {args.clock} clock{load}")
+          f"amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} "
+          f"{args.compile_mode or ''}| {args.clock} clock{load}")
     print(f"{'model':<9} {'batch':>5} {'phase':<5} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} {'range':>13} "
           f"{'quantizers alone':>16}")
     worst = (0.0, "")
