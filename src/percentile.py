@@ -9,36 +9,45 @@ Two exact selection methods find the two order statistics the interpolation need
 
 * ``order_statistics_by_topk``: ``topk`` of the largest ``n - lower`` magnitudes, then the two
   smallest of those. Pure torch and free of host synchronisation, so CUDA/MPS tensors and
-  ``torch.compile`` tracing use it; it is also the CPU method's fallback.
-* ``order_statistics_by_threshold`` (CPU, numpy): Floyd-Rivest selection. A strided sample
-  gives bounds ``low <= wanted magnitudes <= high`` that hold with overwhelming probability; one
-  pass keeps the band ``[low, high]`` (~1 % of the set) and counts what lies above it, the counts
-  check the bounds, and the band is narrowed the same way until it is small enough to partition.
-  Above 2^17 elements |w| is never materialised: in cache-sized chunks viewed as ``[8, chunk/8]``,
-  column maxima and minima pick the few columns that can hold a magnitude ``>= low`` and only
-  those are gathered. When the first check fails (an unlucky or adversarial sample) the topk
-  method runs instead, so the result never depends on the sample.
+  ``torch.compile`` tracing use it.
+* ``order_statistics_by_selection`` (CPU): compiled numba kernels on integer keys. A float's bit
+  pattern with the sign bit masked off, read as an integer, orders exactly as |x| does (NaNs get
+  the keys above that of +inf), and integer compares vectorise where float ones would not. Up to
+  ``DIRECT_SELECTION_SIZE`` elements the keys are copied and quickselected. Larger sets are first
+  narrowed, Floyd-Rivest style: a strided sample gives keys ``low <= wanted keys <= high`` that
+  hold with overwhelming probability; one pass compares the keys with ``low`` in blocks of 256
+  (vectorised compares whose 64-bit masks name the few keys to look at), counts those above
+  ``high`` and keeps the band ``[low, high]`` (~1 % of the set); the counts check the bounds, and
+  the band is narrowed the same way until it is small enough to select in. When a check fails (an
+  unlucky or adversarial sample, ties that fill the band) the kernel selects among the elements it
+  has, so the result never depends on the sample, only the time. numba is imported, and the
+  kernels compiled or loaded from its cache, on the first CPU call (``compiled_selection``).
 """
 from __future__ import annotations
 
 import functools
 import math
 import struct
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-# Sets up to this size are partitioned directly (numpy's introselect, ~5 ns per element).
-DIRECT_SELECTION_SIZE = 1 << 11
-# Below this size |w| is materialised and narrowed directly; above, the column method avoids that.
-COLUMN_METHOD_MIN_SIZE = 1 << 17
+# Sets up to this size are quickselected directly (~3 ns per element); larger ones are narrowed by samples first.
+DIRECT_SELECTION_SIZE = 1 << 10
 # Samples hold about 1/32 of a set, at most this many elements.
-SAMPLE_SIZE = 1 << 13
+SAMPLE_SIZE = 1 << 12
 # Bounds sit this many binomial standard deviations beyond the rank a sample element is expected at.
 SAMPLE_MARGIN_SIGMAS = 5.0
-COLUMNS = 8
-CHUNK_SIZE = 1 << 20
+# The bracketing pass compares keys in blocks of this many, one bit each in 64-bit masks.
+BLOCK = 256
+# Per float dtype: the mask that clears the sign bit of its bit pattern (as a signed integer of the same
+# width) and the key of +inf; keys above it are NaNs.
+KEY_MASKS = {
+    np.dtype(np.float32): (np.int32(0x7FFF_FFFF), np.int32(0x7F80_0000)),
+    np.dtype(np.float64): (np.int64(0x7FFF_FFFF_FFFF_FFFF), np.int64(0x7FF0_0000_0000_0000)),
+}
 
 
 def robust_absmax(weight: Tensor, q: float = 0.99) -> Tensor:
@@ -49,15 +58,21 @@ def robust_absmax(weight: Tensor, q: float = 0.99) -> Tensor:
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"q must be in [0, 1], got {q}")
-    values = flat_view(weight.detach())  # detached: nothing below records a graph (cheaper than no_grad)
+    values = weight.detach()  # detached: nothing below records a graph (cheaper than no_grad)
     if values.numel() == 0:
         raise ValueError("robust_absmax of an empty tensor")
     result_dtype = values.dtype
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()  # torch.quantile's own dtypes; half precision is computed in float32
     lower, upper, weight_frac = quantile_ranks(values.numel(), q, values.dtype)
-    pair = order_statistics_by_threshold(values, lower, upper) if uses_threshold_method(values) else None
-    low, high = pair or order_statistics_by_topk(values, lower, upper)
+    if values.is_cpu and not torch.compiler.is_compiling():
+        # ravel(order="K") is a view for any dense layout (contiguous, channels-last, transposed), else a copy.
+        pair, _ = order_statistics_by_selection(values.numpy().ravel(order="K"), lower, upper)
+        # 0-dim numpy views make 0-dim tensors faster than indexing or unbinding a tensor of two does.
+        low, high = torch.from_numpy(pair[0, ...]), torch.from_numpy(pair[1, ...])
+    else:
+        low, high = order_statistics_by_topk(flat_view(values), lower, upper)
+    # torch's own lerp, not a copy of its formula: whether it fuses the multiply-add depends on the CPU.
     result = torch.lerp(low, high, weight_frac)
     return result if result.dtype == result_dtype else result.to(result_dtype)
 
@@ -90,12 +105,8 @@ def to_dtype(value: float, dtype: torch.dtype) -> float:
     return struct.unpack("f", struct.pack("f", value))[0] if dtype == torch.float32 else value
 
 
-def uses_threshold_method(values: Tensor) -> bool:
-    return values.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def order_statistics_by_topk(values: Tensor, lower: int, upper: int) -> tuple[Tensor, Tensor]:
-    """The ascending-rank ``lower`` and ``upper`` order statistics of |values| (NaN if any is NaN)."""
+    """The ascending-rank ``lower`` and ``upper`` order statistics of |values| (NaN if any is NaN), on any device."""
     magnitudes = values.abs()
     # topk orders NaN above every number, so a NaN anywhere lands among the largest.
     largest = magnitudes.topk(values.numel() - lower, sorted=False).values
@@ -104,53 +115,159 @@ def order_statistics_by_topk(values: Tensor, lower: int, upper: int) -> tuple[Te
     return pair[0], pair[upper - lower]
 
 
-def order_statistics_by_threshold(values: Tensor, lower: int, upper: int) -> tuple[Tensor, Tensor] | None:
-    """Same result as ``order_statistics_by_topk`` for CPU tensors; None when the sampled bounds fail their check."""
-    n = values.numel()
-    needed, spread = n - lower, upper - lower  # the needed-th and (needed - spread)-th largest magnitudes
-    array = values.numpy()
-    if n <= COLUMN_METHOD_MIN_SIZE:
-        magnitudes = np.abs(array)
-        if math.isnan(magnitudes.max()):
-            return nan_pair(values.dtype)
-        return pair_of(select_largest(magnitudes, needed, spread))
-    bounds = sampled_bounds(np.abs(array[:: sample_stride(n)]), n, needed, spread)
-    if bounds is None:
-        return None
-    low_bound, high_bound = bounds
-    above, bands = 0, []
-    # Chunks keep each piece in cache between the column reductions and the gather that follow.
-    for start in range(0, n, CHUNK_SIZE):
-        chunk = values[start: start + CHUNK_SIZE]
-        width = chunk.numel() // COLUMNS
-        columns = chunk[: width * COLUMNS].view(COLUMNS, width)
-        column_max, column_min = columns.amax(0).numpy(), columns.amin(0).numpy()
-        tail = chunk[width * COLUMNS:].numpy()
-        if math.isnan(column_max.max(initial=-math.inf)) or np.isnan(tail).any():
-            return nan_pair(values.dtype)
-        # Only columns holding a magnitude >= low_bound can hold one of the needed largest.
-        hits = torch.from_numpy(np.flatnonzero((column_max >= low_bound) | (column_min <= -low_bound)))
-        gathered = columns.index_select(1, hits).numpy().ravel()
-        magnitudes = np.abs(np.concatenate([gathered, tail]) if tail.size else gathered)
-        chunk_above, chunk_band = split_at_bounds(magnitudes, low_bound, high_bound)
-        above += chunk_above
-        bands.append(chunk_band)
-    band = np.concatenate(bands)
-    if not brackets(above, band.size, needed, spread):
-        return None
-    return pair_of(select_largest(band, needed - above, spread))
+def order_statistics_by_selection(values: np.ndarray, lower: int, upper: int) -> tuple[np.ndarray, int]:
+    """The ascending-rank ``lower`` and ``upper`` order statistics of |values| (a contiguous 1-D float32 or
+    float64 array) as an array of two (NaN if any element is NaN), and how many sampled rounds narrowed the
+    set before the final selection (0: it selected among all elements; the tests watch this)."""
+    sign_mask, inf_key = KEY_MASKS[values.dtype]
+    # The tunables are arguments, not globals, because numba freezes globals into the compiled code.
+    return compiled_selection()(values, sign_mask, inf_key, lower, upper, DIRECT_SELECTION_SIZE, SAMPLE_SIZE,
+                                SAMPLE_MARGIN_SIGMAS)
 
 
-def split_at_bounds(magnitudes: np.ndarray, low_bound: float, high_bound: float) -> tuple[int, np.ndarray]:
-    """(how many lie above high_bound, those in [low_bound, high_bound]); one pass over the full set."""
-    candidates = take_where(magnitudes, magnitudes >= low_bound)
-    band = take_where(candidates, candidates <= high_bound)
-    return candidates.size - band.size, band
+@functools.cache
+def compiled_selection() -> Callable[..., tuple[np.ndarray, int]]:
+    """``select_order_statistics`` compiled, with the kernels it calls, on first use.
+
+    numba is imported here rather than with the module: it adds ~0.15 s to a process, which ``--dry-run``,
+    configuration errors and GPU runs would pay for nothing. ``cache=True`` stores the machine code in
+    ``__pycache__`` (or numba's per-user cache directory), so later processes load it in milliseconds
+    instead of compiling for seconds.
+    """
+    import numba
+    from numba.cpython.unsafe.numbers import trailing_zeros
+
+    def jit(function):
+        try:
+            return numba.njit(cache=True, nogil=True)(function)
+        except RuntimeError:  # numba found no writable cache directory: compile in every process instead
+            return numba.njit(nogil=True)(function)
+
+    # The kernels call each other through these module globals, which numba resolves when it compiles.
+    module = globals()
+    module["lowest_set_bit"] = trailing_zeros
+    for kernel in CPU_KERNELS:
+        module[kernel.__name__] = jit(kernel)
+    return module["select_order_statistics"]
 
 
-def take_where(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``values[mask]``; indices and a take are ~3x faster than numpy's boolean indexing here."""
-    return values.take(np.flatnonzero(mask))
+# The kernels below are plain Python that numba compiles (``compiled_selection``); keys are the bit patterns of
+# the magnitudes as signed integers, so every comparison is an exact integer one.
+
+def select_order_statistics(values: np.ndarray, sign_mask: np.signedinteger, inf_key: np.signedinteger, lower: int,
+                            upper: int, direct_size: int, sample_size: int,
+                            margin_sigmas: float) -> tuple[np.ndarray, int]:
+    """``order_statistics_by_selection`` on the numpy view of the values."""
+    keys = values.view(np.asarray(sign_mask).dtype)  # the raw bit patterns; masked as they are read
+    needed, spread = keys.size - lower, upper - lower  # the needed-th and (needed - spread)-th largest
+    rounds = 0
+    while keys.size > direct_size:
+        found, low_key, high_key, capacity = sampled_bounds(keys, sign_mask, needed, spread, sample_size,
+                                                            margin_sigmas)
+        if not found:
+            break
+        band = np.empty(capacity + BLOCK, keys.dtype)  # a block's worth of room beyond the capacity
+        above, band_size, top = split_at_bounds(keys, sign_mask, low_key, high_key, band)
+        # top is the largest key at or above low_key, so a NaN key is seen whatever the bounds are.
+        if top > inf_key:
+            return as_floats(top, top, keys, values), rounds
+        # An overfull band (ties, a poor sample; it also keeps the band below half the set) or bounds that miss
+        # the wanted ranks: select among these keys instead.
+        if band_size > capacity or not brackets(above, band_size, needed, spread):
+            break
+        keys, needed, rounds = band[:band_size], needed - above, rounds + 1
+    low_key, high_key = select_pair(keys, sign_mask, inf_key, needed, spread)
+    return as_floats(low_key, high_key, keys, values), rounds
+
+
+def sampled_bounds(keys: np.ndarray, sign_mask: np.signedinteger, needed: int, spread: int, sample_size: int,
+                   margin_sigmas: float) -> tuple[bool, int, int, int]:
+    """(found, low_key, high_key, band capacity): keys bracketing the needed-th and (needed - spread)-th
+    largest of ``keys``, from a strided sample; each bound holds with probability ~1 - 1e-6 at 5 sigmas,
+    and the caller checks them. The capacity is twice the band size the sample predicts, less than half the set."""
+    size = keys.size
+    strided = keys[::sample_stride(size, sample_size)]
+    sample = np.empty(strided.size, keys.dtype)
+    for i in range(strided.size):
+        sample[i] = strided[i] & sign_mask
+    count = sample.size
+    expected = needed * count / size
+    margin = margin_sigmas * math.sqrt(expected * (1 - expected / count) + 1) + 1
+    low_rank = max(1, math.ceil(expected + margin))  # ranks from the top of the sample
+    high_rank = min(count, math.floor(expected - spread - margin))
+    if low_rank > count or high_rank >= low_rank:  # the second only with a negative margin (the tests try one)
+        return False, sign_mask, sign_mask, 0
+    low_key = select_in_place(sample, count - low_rank, 0, count - 1)
+    # Without a sample element safely above the wanted ranks there is no upper bound: every key is <= the mask.
+    high_key = sign_mask
+    if high_rank >= 1:
+        high_key = select_in_place(sample, count - high_rank, count - low_rank + 1, count - 1)
+    band_ranks = low_rank - max(high_rank, 0) + 1
+    return True, low_key, high_key, min(size // 2, 2 * band_ranks * size // count)
+
+
+def sample_stride(size: int, sample_size: int) -> int:
+    """About size / min(sample_size, size / 32), coprime with 2, 3, 5 and 7 so that the sample does not lock
+    onto a kernel position or channel pattern of the weight layout."""
+    stride = max(1, size // min(sample_size, max(size // 32, 1)))
+    while math.gcd(stride, 210) != 1:
+        stride += 1
+    return stride
+
+
+def split_at_bounds(keys: np.ndarray, sign_mask: np.signedinteger, low_key: int, high_key: int,
+                    band: np.ndarray) -> tuple[int, int, int]:
+    """(how many keys lie above high_key, how many lie in [low_key, high_key], the largest key >= low_key); the
+    band's keys are written to ``band``. One pass over the full set, which stops early once more than
+    ``band.size - BLOCK`` keys are kept (the counts are then partial; the band size says so)."""
+    above = 0
+    band_size = 0
+    top = keys.dtype.type(0)
+    words = np.empty(BLOCK // 64, np.uint64)
+    whole = keys.size - keys.size % BLOCK
+    for start in range(0, whole, BLOCK):
+        if band_size > band.size - BLOCK:
+            return above, band_size, top
+        # Vectorised compares first (fixed trip counts: a variable one halves the speed), one bit per key;
+        # typically one key in 64 is >= low_key, and blocks of 256 keys keep the branch that follows rare.
+        any_hits = np.uint64(0)
+        for word in range(words.size):
+            group = keys[start + 64 * word:start + 64 * word + 64]
+            hits = np.uint64(0)
+            for i in range(64):
+                hits |= np.uint64((group[i] & sign_mask) >= low_key) << np.uint64(i)
+            words[word] = hits
+            any_hits |= hits
+        if any_hits:
+            for word in range(words.size):
+                group = keys[start + 64 * word:start + 64 * word + 64]
+                above, band_size, top = keep_hits(group, words[word], sign_mask, high_key, band, above, band_size, top)
+    if whole < keys.size and band_size <= band.size - BLOCK:
+        for first in range(whole, keys.size, 64):
+            group = keys[first:first + 64]
+            hits = np.uint64(0)
+            for i in range(group.size):
+                hits |= np.uint64((group[i] & sign_mask) >= low_key) << np.uint64(i)
+            above, band_size, top = keep_hits(group, hits, sign_mask, high_key, band, above, band_size, top)
+    return above, band_size, top
+
+
+def keep_hits(group: np.ndarray, hits: np.uint64, sign_mask: np.signedinteger, high_key: int, band: np.ndarray,
+              above: int, band_size: int, top: int) -> tuple[int, int, int]:
+    """Counts and keeps the keys of ``group`` whose bits are set in ``hits`` (all >= low_key)."""
+    while hits:
+        key = group[lowest_set_bit(hits)] & sign_mask
+        hits &= hits - np.uint64(1)
+        top = max(top, key)
+        above += key > high_key
+        band[band_size] = key  # kept only when in the band: the index moves on only then
+        band_size += key <= high_key
+    return above, band_size, top
+
+
+def lowest_set_bit(word: np.uint64) -> int:
+    """Index of the lowest set bit of a nonzero word; compiled as numba's ``trailing_zeros`` (one instruction)."""
+    return (int(word) & -int(word)).bit_length() - 1
 
 
 def brackets(above: int, band_size: int, needed: int, spread: int) -> bool:
@@ -158,60 +275,91 @@ def brackets(above: int, band_size: int, needed: int, spread: int) -> bool:
     return above <= needed - spread - 1 and above + band_size >= needed
 
 
-def select_largest(magnitudes: np.ndarray, needed: int, spread: int) -> np.ndarray:
-    """The needed-th and (needed - spread)-th largest of ``magnitudes``, as an ascending pair.
+def select_pair(keys: np.ndarray, sign_mask: np.signedinteger, inf_key: np.signedinteger, needed: int,
+                spread: int) -> tuple[int, int]:
+    """The needed-th and (needed - spread)-th largest masked keys, ascending (both NaN keys if any is NaN);
+    selects in a copy, the keys may be the caller's data."""
+    scratch = np.empty(keys.size, keys.dtype)
+    top = keys.dtype.type(0)
+    for i in range(keys.size):
+        key = keys[i] & sign_mask
+        scratch[i] = key
+        top = max(top, key)
+    if top > inf_key:
+        return top, top
+    index = keys.size - needed
+    low_key = select_in_place(scratch, index, 0, keys.size - 1)
+    # spread is 0 or 1; the next rank up is the smallest key of the part above the selected one.
+    return low_key, scratch[index + 1:].min() if spread else low_key
 
-    Floyd-Rivest style: bounds from a sample of the set bracket both ranks, what lies above the
-    bracket is only counted, and the bracket's contents, checked to hold both ranks, become the set.
-    """
-    while magnitudes.size > DIRECT_SELECTION_SIZE:
-        bounds = sampled_bounds(magnitudes[:: sample_stride(magnitudes.size)], magnitudes.size, needed, spread)
-        if bounds is None:
+
+def select_in_place(keys: np.ndarray, rank: int, low: int, high: int) -> int:
+    """The key of ascending rank ``rank`` among keys[low:high + 1], whose other ranks hold only keys outside
+    that range of positions. Quickselect (Hoare's partition, median-of-3 pivot); a range that has not shrunk
+    to one key after 2 log2(n) + 8 partitions is heapsorted, which bounds the worst case by O(n log n)."""
+    partitions_left = 2 * int(math.log2(high - low + 1)) + 8
+    while low < high:
+        if partitions_left == 0:
+            heapsort(keys, low, high)
             break
-        above, band = split_at_bounds(magnitudes, *bounds)
-        # An unlucky sample, or ties that keep the band from shrinking: select from the set as it stands.
-        if not brackets(above, band.size, needed, spread) or band.size > magnitudes.size // 2:
+        partitions_left -= 1
+        middle = (low + high) // 2
+        if keys[middle] < keys[low]:
+            keys[low], keys[middle] = keys[middle], keys[low]
+        if keys[high] < keys[middle]:
+            keys[high], keys[middle] = keys[middle], keys[high]
+            if keys[middle] < keys[low]:
+                keys[low], keys[middle] = keys[middle], keys[low]
+        pivot = keys[middle]
+        i, j = low, high
+        while i <= j:
+            while keys[i] < pivot:
+                i += 1
+            while keys[j] > pivot:
+                j -= 1
+            if i <= j:
+                keys[i], keys[j] = keys[j], keys[i]
+                i += 1
+                j -= 1
+        # Now keys[low:j + 1] <= pivot <= keys[i:high + 1], and the keys between equal the pivot.
+        if rank <= j:
+            high = j
+        elif rank >= i:
+            low = i
+        else:
             break
-        magnitudes, needed = band, needed - above
-    return partition_pair(magnitudes, magnitudes.size - needed, spread)
+    return keys[rank]
 
 
-def partition_pair(magnitudes: np.ndarray, index: int, spread: int) -> np.ndarray:
-    """The ascending-rank ``index`` and ``index + spread`` elements (NaN-free input)."""
-    return np.partition(magnitudes, (index, index + spread))[[index, index + spread]]
+def heapsort(keys: np.ndarray, low: int, high: int) -> None:
+    """Sorts keys[low:high + 1] in place (small to compile, unlike numba's mergesort, and O(n log n) always)."""
+    size = high - low + 1
+    for root in range(size // 2 - 1, -1, -1):
+        sift_down(keys, low, root, size)
+    for end in range(size - 1, 0, -1):
+        keys[low], keys[low + end] = keys[low + end], keys[low]
+        sift_down(keys, low, 0, end)
 
 
-def pair_of(selected: np.ndarray) -> tuple[Tensor, Tensor]:
-    low, high = torch.from_numpy(selected).unbind()
-    return low, high
+def sift_down(keys: np.ndarray, base: int, root: int, size: int) -> None:
+    """Restores the max-heap order of keys[base:base + size] below ``root``."""
+    while 2 * root + 1 < size:
+        child = 2 * root + 1
+        if child + 1 < size and keys[base + child] < keys[base + child + 1]:
+            child += 1
+        if keys[base + root] >= keys[base + child]:
+            return
+        keys[base + root], keys[base + child] = keys[base + child], keys[base + root]
+        root = child
 
 
-def nan_pair(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    nan = torch.tensor(math.nan, dtype=dtype)
-    return nan, nan
+def as_floats(low_key: int, high_key: int, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The two keys as floats of the values' dtype (a view of their bits; numba widens integer arithmetic to
+    64 bits, so the keys' own width comes from the key array)."""
+    pair = np.empty(2, keys.dtype)
+    pair[0], pair[1] = low_key, high_key
+    return pair.view(values.dtype)
 
 
-def sampled_bounds(sample: np.ndarray, size: int, needed: int, spread: int) -> tuple[float, float] | None:
-    """Magnitudes bracketing the needed-th and (needed - spread)-th largest of a set of ``size``, from a
-    sample of its magnitudes: correct with probability ~1 - 1e-6 per bound, checked by the caller."""
-    expected = needed * sample.size / size
-    margin = SAMPLE_MARGIN_SIGMAS * math.sqrt(expected * (1 - expected / sample.size) + 1) + 1
-    low_rank = max(1, math.ceil(expected + margin))  # ranks from the top of the sample
-    high_rank = min(sample.size, math.floor(expected - spread - margin))
-    if low_rank > sample.size:
-        return None
-    positions = [sample.size - low_rank] + ([sample.size - high_rank] if high_rank >= 1 else [])
-    chosen = np.partition(sample, positions)[positions]
-    if np.isnan(chosen).any():
-        return None
-    return float(chosen[0]), float(chosen[1]) if len(chosen) > 1 else math.inf
-
-
-@functools.lru_cache(maxsize=4096)
-def sample_stride(n: int) -> int:
-    """About n / min(SAMPLE_SIZE, n / 32), coprime with 2, 3, 5 and 7 so that the sample does not lock
-    onto a kernel position or channel pattern of the weight layout."""
-    stride = max(1, n // min(SAMPLE_SIZE, max(n // 32, 1)))
-    while math.gcd(stride, 210) != 1:
-        stride += 1
-    return stride
+CPU_KERNELS = (select_order_statistics, sampled_bounds, sample_stride, split_at_bounds, keep_hits, brackets,
+               select_pair, select_in_place, heapsort, sift_down, as_floats)

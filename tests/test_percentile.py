@@ -1,7 +1,11 @@
 """robust_absmax is exactly torch.quantile(|w|, q, 'linear'), by every path, on random and adversarial tensors."""
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,28 +37,34 @@ def assert_identical(result: torch.Tensor, expected: torch.Tensor) -> None:
         assert result.item() == expected.item(), (result.item(), expected.item())
 
 
+def sampled_rounds(weight: torch.Tensor, q: float = 0.99) -> int:
+    """How many sampled rounds narrowed the set before the CPU kernel's final selection (0: none did)."""
+    values = weight.detach().flatten()
+    lower, upper, _ = quantile_ranks(values.numel(), q, values.dtype)
+    return percentile.order_statistics_by_selection(values.numpy(), lower, upper)[1]
+
+
 @pytest.fixture
-def small_chunks(monkeypatch):
-    """Send mid-sized tensors down the sampled path in several chunks, with tails."""
-    monkeypatch.setattr(percentile, "COLUMN_METHOD_MIN_SIZE", 512)
-    monkeypatch.setattr(percentile, "CHUNK_SIZE", 8 * 1000)
-    monkeypatch.setattr(percentile, "SAMPLE_SIZE", 1024)
+def small_sets(monkeypatch):
+    """Send small tensors down the sampled path, with small samples and several narrowing rounds."""
+    monkeypatch.setattr(percentile, "DIRECT_SELECTION_SIZE", 64)
+    monkeypatch.setattr(percentile, "SAMPLE_SIZE", 256)
 
 
-def random_tensor(rng: random.Random, n: int) -> torch.Tensor:
+def random_tensor(rng: random.Random, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     kind = rng.choice(["normal", "uniform", "cauchy", "ints", "sparse", "scaled"])
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
     if kind == "normal":
-        return torch.randn(n, generator=generator)
+        return torch.randn(n, generator=generator, dtype=dtype)
     if kind == "uniform":
-        return torch.rand(n, generator=generator) * 2 - 1
+        return torch.rand(n, generator=generator, dtype=dtype) * 2 - 1
     if kind == "cauchy":
-        return torch.empty(n).cauchy_(generator=generator)
+        return torch.empty(n, dtype=dtype).cauchy_(generator=generator)
     if kind == "ints":  # heavy ties
-        return torch.randint(-3, 4, (n,), generator=generator).float()
+        return torch.randint(-3, 4, (n,), generator=generator).to(dtype)
     if kind == "sparse":  # mostly exact zeros
-        return torch.randn(n, generator=generator) * (torch.rand(n, generator=generator) < 0.02)
-    return torch.randn(n, generator=generator) * 10.0 ** rng.uniform(-6, 6)
+        return torch.randn(n, generator=generator, dtype=dtype) * (torch.rand(n, generator=generator) < 0.02)
+    return torch.randn(n, generator=generator, dtype=dtype) * 10.0 ** rng.uniform(-6, 6)
 
 
 def test_rank_formula_is_torch_quantiles():
@@ -66,20 +76,40 @@ def test_rank_formula_is_torch_quantiles():
         assert_identical(kthvalue_reference(w, q), quantile(w, q))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 101, 1000, 4097, 65_536, 65_537, 100_003, 1_048_576 + 5, 2_359_296])
-def test_default_paths_match_torch_quantile(n):
+DIRECT = percentile.DIRECT_SELECTION_SIZE
+BLOCK = percentile.BLOCK
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, DIRECT - 1, DIRECT, DIRECT + 1, 2 * BLOCK - 1, 8 * BLOCK + 1, 4097,
+                               36_864, 65_536, 65_537, 100_003, 1_048_576 + 5, 2_359_296])
+@pytest.mark.parametrize("q", [0.99, 0.5, 0.0, 1.0])
+def test_default_paths_match_torch_quantile(n, q):
     torch.manual_seed(n)
     w = torch.randn(n)
-    assert_identical(robust_absmax(w), quantile(w))
+    assert_identical(robust_absmax(w, q), quantile(w, q))
+    if n > DIRECT and q in (0.99, 1.0):  # these go down the sampled path (small samples cannot bound a median)
+        assert sampled_rounds(w, q) >= 1
 
 
-def test_sampled_path_matches_torch_quantile_on_random_tensors(small_chunks):
+def test_sampled_path_matches_torch_quantile_on_random_tensors(small_sets):
     rng = random.Random(1)
-    for _ in range(250):
+    for _ in range(300):
         n = rng.randrange(1, 60_000)
         q = rng.choice([0.99, 0.99, 0.9, 0.5, 0.999, 1.0, 0.0])
         w = random_tensor(rng, n)
         assert_identical(robust_absmax(w, q), quantile(w, q))
+
+
+def test_float64_matches_torch_quantile(small_sets):
+    rng = random.Random(4)
+    for _ in range(60):
+        n = rng.randrange(1, 40_000)
+        q = rng.choice([0.99, 0.5, 1.0, 0.0, rng.random()])
+        w = random_tensor(rng, n, torch.float64)
+        assert_identical(robust_absmax(w, q), quantile(w, q))
+    big = torch.randn(200_003, dtype=torch.float64)
+    assert_identical(robust_absmax(big), quantile(big))
+    assert sampled_rounds(big) >= 1
 
 
 def test_topk_path_matches_torch_quantile():
@@ -94,49 +124,133 @@ def test_topk_path_matches_torch_quantile():
         assert_identical(torch.lerp(low, high, frac), quantile(w, q))
 
 
-@pytest.mark.parametrize("name,weight", [
-    ("all zeros", torch.zeros(100_000)),
-    ("all equal", torch.full((100_000,), -0.25)),
-    ("one element", torch.tensor([-3.0])),
-    ("two values", torch.tensor([1.0, -2.0])),
-    ("sorted", torch.linspace(-1, 1, 200_001)),
-    ("reverse sorted", torch.linspace(5, 0, 200_001)),
-    ("two levels", torch.cat([torch.ones(99_000), torch.full((1_000,), 7.0)])),
-    ("infinities", torch.cat([torch.randn(99_990), torch.full((10,), math.inf), torch.full((10,), -math.inf)])),
-    ("many infinities", torch.cat([torch.randn(98_000), torch.full((2_000,), -math.inf)])),
-    ("denormals", torch.full((100_000,), 1e-40) * torch.randn(100_000).sign()),
-])
-def test_adversarial_tensors(name, weight, small_chunks):
+ADVERSARIAL = {
+    "all zeros": torch.zeros(100_000),
+    "all equal": torch.full((100_000,), -0.25),
+    "signed zeros": torch.tensor([0.0, -0.0]).repeat(50_000),
+    "one element": torch.tensor([-3.0]),
+    "two values": torch.tensor([1.0, -2.0]),
+    "sorted": torch.linspace(-1, 1, 200_001),
+    "reverse sorted": torch.linspace(5, 0, 200_001),
+    "organ pipe": torch.cat([torch.arange(50_000.0), torch.arange(50_000.0).flip(0)]),
+    "two levels": torch.cat([torch.ones(99_000), torch.full((1_000,), 7.0)]),
+    "ties at the percentile": torch.cat([torch.rand(98_500), torch.full((1_000,), 2.0), torch.rand(500) + 3]),
+    "infinities": torch.cat([torch.randn(99_990), torch.full((10,), math.inf), torch.full((10,), -math.inf)]),
+    "many infinities": torch.cat([torch.randn(98_000), torch.full((2_000,), -math.inf)]),
+    "denormals": torch.full((100_000,), 1e-40) * torch.randn(100_000).sign(),
+    "denormals and zeros": torch.cat([torch.full((50_000,), 1e-45), torch.zeros(40_000),
+                                      -torch.full((10_000,), 3e-39)]),
+    "extremes": torch.tensor([torch.finfo(torch.float32).max, -torch.finfo(torch.float32).tiny, 0.0]).repeat(30_001),
+}
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+@pytest.mark.parametrize("q", [0.99, 0.5, 1.0])
+def test_adversarial_tensors(name, q):
+    weight = ADVERSARIAL[name]
+    assert_identical(robust_absmax(weight, q), quantile(weight, q))
+    assert_identical(robust_absmax(weight.double(), q), quantile(weight.double(), q))
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
+def test_adversarial_tensors_on_the_sampled_path(name, small_sets):
+    weight = ADVERSARIAL[name]
+    assert_identical(robust_absmax(weight), quantile(weight))
+    shuffled = weight[torch.randperm(weight.numel(), generator=torch.Generator().manual_seed(0))]
+    assert_identical(robust_absmax(shuffled), quantile(shuffled))
+
+
+def test_ties_that_fill_the_band_fall_back_to_direct_selection():
+    """Equal magnitudes make the band as large as the set: the kernel selects among all keys instead."""
+    weight = ADVERSARIAL["all equal"]
+    assert sampled_rounds(weight) == 0
     assert_identical(robust_absmax(weight), quantile(weight))
 
 
-def test_nan_anywhere_gives_nan(small_chunks):
-    for n, position in [(10, 3), (50_000, 17), (50_000, 49_999), (50_001, 50_000)]:
-        w = torch.randn(n)
-        w[position] = math.nan
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_anywhere_gives_nan(dtype, small_sets):
+    n = 50_000
+    stride = percentile.sample_stride(n, percentile.SAMPLE_SIZE)
+    # In the sample, between sampled positions, in the last partial block; a NaN with its sign bit set.
+    for size, position, nan in [(10, 3, math.nan), (n, 0, math.nan), (n, stride, math.nan), (n, 17, math.nan),
+                                (n, n - 1, math.nan), (n + 7, n + 5, math.nan), (n, 123, -math.nan)]:
+        w = torch.randn(size, dtype=dtype)
+        w[position] = nan
         assert math.isnan(robust_absmax(w)) and math.isnan(quantile(w))
-        lower, upper, _ = quantile_ranks(n, 0.99, torch.float32)
+        assert math.isnan(robust_absmax(w, 0.0)) and math.isnan(robust_absmax(w, 1.0))
+        lower, upper, _ = quantile_ranks(size, 0.99, dtype)
         assert math.isnan(order_statistics_by_topk(w, lower, upper)[0])
 
 
-def test_sample_aligned_outliers_force_the_exact_fallback(small_chunks, monkeypatch):
+def test_nan_is_seen_however_the_bounds_fall(monkeypatch):
+    """Bounds from a NaN-free sample, from a sample holding the NaN, and none at all (a failed check)."""
+    for margin in [5.0, 0.0, -20.0]:
+        monkeypatch.setattr(percentile, "SAMPLE_MARGIN_SIGMAS", margin)
+        for position in [0, 1, 99_999]:
+            w = torch.randn(100_000)
+            w[position] = math.nan
+            assert math.isnan(robust_absmax(w))
+
+
+def test_sample_aligned_outliers_force_the_exact_fallback():
     """Large values exactly at the sampled positions fool the sample; the count check catches it."""
     n = 50_000
     w = torch.rand(n)
-    w[:: percentile.sample_stride(n)] += 100.0
-    fallbacks = []
-    monkeypatch.setattr(percentile, "order_statistics_by_topk",
-                        lambda *args: fallbacks.append(args) or order_statistics_by_topk(*args))
+    assert sampled_rounds(w) >= 1
+    w[:: percentile.sample_stride(n, percentile.SAMPLE_SIZE)] += 100.0
+    assert sampled_rounds(w) == 0, "the sampled bounds should have failed their check here"
     assert_identical(robust_absmax(w), quantile(w))
-    assert fallbacks, "the sampled bounds should have failed their check here"
 
 
-def test_failed_bounds_never_change_the_result(small_chunks, monkeypatch):
-    monkeypatch.setattr(percentile, "SAMPLE_MARGIN_SIGMAS", -20.0)  # bounds on the wrong side of the rank
+def test_bracket_check_boundaries():
+    """The band must hold the needed-th largest and the (needed - spread)-th: no more than needed - spread - 1 keys
+    above it, at least needed at or above its bottom (random tensors rarely land on these edges)."""
+    for needed, spread in [(10, 0), (10, 1), (1, 0)]:
+        top = needed - spread - 1  # the most keys that may lie above the band
+        assert percentile.brackets(top, spread + 1, needed, spread)
+        assert not percentile.brackets(top + 1, spread + 1, needed, spread)
+        assert not percentile.brackets(top, spread, needed, spread)
+
+
+def test_failed_bounds_never_change_the_result(small_sets, monkeypatch):
+    monkeypatch.setattr(percentile, "SAMPLE_MARGIN_SIGMAS", 0.0)  # bounds one rank from the expected: often wrong
     rng = random.Random(3)
-    for _ in range(40):
+    fallbacks = 0
+    for _ in range(60):
         w = random_tensor(rng, rng.randrange(1_000, 40_000))
         assert_identical(robust_absmax(w), quantile(w))
+        fallbacks += sampled_rounds(w) == 0
+    assert fallbacks >= 10, "the checks should have rejected many of these bounds"
+
+
+def test_quickselect_on_patterns_that_defeat_pivot_rules():
+    """The final selection at every rank against numpy, on orders where a simple pivot choice degrades."""
+    percentile.compiled_selection()
+    select_in_place = percentile.select_in_place  # compiled now
+    n = 257
+    patterns = {"sorted": np.arange(n), "reverse": np.arange(n)[::-1], "equal": np.zeros(n),
+                "organ pipe": np.concatenate([np.arange(n // 2), np.arange(n - n // 2)[::-1]]),
+                "sawtooth": np.arange(n) % 7, "two values": np.arange(n) % 2,
+                "random ties": np.random.default_rng(0).integers(0, 5, n)}
+    for name, pattern in patterns.items():
+        keys = pattern.astype(np.int32)
+        expected = np.sort(keys)
+        for rank in range(n):
+            assert select_in_place(keys.copy(), rank, 0, n - 1) == expected[rank], (name, rank)
+
+
+def test_heapsort_the_quickselect_falls_back_to():
+    percentile.compiled_selection()
+    rng = np.random.default_rng(1)
+    for size in [1, 2, 3, 10, 255, 1000]:
+        for keys in [rng.integers(-5, 5, size), rng.integers(-2**31, 2**31 - 1, size), np.zeros(size, np.int64)]:
+            keys = keys.astype(np.int32)
+            low, high = size // 4, size - 1 - size // 5
+            sorted_range = keys.copy()
+            percentile.heapsort(sorted_range, low, high)
+            expected = keys.copy()
+            expected[low:high + 1].sort()
+            assert np.array_equal(sorted_range, expected)
 
 
 def test_layouts_and_dtypes():
@@ -148,14 +262,18 @@ def test_layouts_and_dtypes():
     assert_identical(robust_absmax(matrix[:, ::3]), quantile(matrix[:, ::3]))
     big = torch.randn(200_000, dtype=torch.float64)
     assert_identical(robust_absmax(big), quantile(big))
-    half = torch.randn(5_000).to(torch.bfloat16)
-    result = robust_absmax(half)
-    assert result.dtype == torch.bfloat16 and result == quantile(half.float()).to(torch.bfloat16)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = torch.randn(5_000).to(dtype)
+        result = robust_absmax(half)
+        assert result.dtype == dtype and result == quantile(half.float()).to(dtype)
+        half_conv = conv.to(dtype).to(memory_format=torch.channels_last)
+        assert robust_absmax(half_conv) == quantile(half_conv.float()).to(dtype)
 
 
 def test_result_carries_no_gradient():
     w = torch.randn(1000, requires_grad=True)
     assert not robust_absmax(w * 2).requires_grad
+    assert not robust_absmax(torch.nn.Parameter(torch.randn(5000))).requires_grad
 
 
 def test_rejects_empty_and_bad_q():
@@ -163,6 +281,13 @@ def test_rejects_empty_and_bad_q():
         robust_absmax(torch.zeros(0))
     with pytest.raises(ValueError, match="q must be"):
         robust_absmax(torch.zeros(3), q=1.5)
+
+
+def test_numba_is_imported_on_first_use_only():
+    """Importing the module (as --dry-run, config errors and GPU runs do) must not pay numba's import time."""
+    code = ("import sys, torch; from src import percentile; assert 'numba' not in sys.modules; "
+            "percentile.robust_absmax(torch.randn(10)); assert 'numba' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_beyond_2_to_the_24_elements():
