@@ -7,13 +7,17 @@ For each size a random normal tensor is reduced by ``robust_absmax`` and, interl
 by the two plain ranges it replaces: ``w.max()`` (one reduction) and ``w.abs().max()`` (the
 absmax a uniform quantizer uses). Medians per call and the ratios to both are printed; the
 previous implementation (two full ``kthvalue`` selections) is timed too up to
-``--reference-up-to`` elements. The last line is the worst ratio to ``w.max()``.
+``--reference-up-to`` elements. Each repeat runs the methods in a new (seeded) random order, so
+each follows each other one about equally often: the kthvalue reference evicts the caches, and a
+fixed order would time whichever method follows it on cold memory and the next one on warm memory.
+The last line is the worst ratio to ``w.max()``.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -62,8 +66,10 @@ def main() -> int:
         times = {name: [] for name in methods}
         for method in methods.values():
             method()
+        order, shuffle = list(methods.items()), random.Random(size).shuffle
         for _ in range(repeats):
-            for name, method in methods.items():
+            shuffle(order)
+            for name, method in order:
                 start = now()
                 method()
                 times[name].append(now() - start)
