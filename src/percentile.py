@@ -5,6 +5,11 @@ the same ranks, computed with the same floating-point arithmetic, and the same `
 ``torch.quantile`` it sorts nothing (a full sort is what made the percentile dominate QAT steps)
 and has no size limit (torch releases before 2.x refused more than 2^24 elements).
 
+On CPU the interpolation is the kernel's copy of torch's lerp formula, which spares the ~3 us of
+three tensor operations; whether torch rounds its multiply-add once (an FMA) or twice depends on
+how it was built for the CPU, so ``torch_lerp_is_fused`` asks torch.lerp on probe inputs first,
+and where neither rounding fits, torch.lerp itself interpolates.
+
 Two exact selection methods find the two order statistics the interpolation needs:
 
 * ``order_statistics_by_topk``: ``topk`` of the largest ``n - lower`` magnitudes, then the two
@@ -42,6 +47,10 @@ SAMPLE_SIZE = 1 << 12
 SAMPLE_MARGIN_SIGMAS = 5.0
 # The bracketing pass compares keys in blocks of this many, one bit each in 64-bit masks.
 BLOCK = 256
+# lerp inputs on which rounding its multiply-add once (an FMA) and twice give different results, in both of its
+# branches (weight < 0.5 and >= 0.5) and in float32 and float64 (a test checks this): torch.lerp's results on
+# them tell which rounding this machine's torch build does.
+LERP_PROBES = ((1.0, 7.1, 0.3), (1.0, 5.9, 0.3), (1.0, 7.1, 0.6), (1.0, 5.9, 0.7))
 # Per float dtype: the mask that clears the sign bit of its bit pattern (as a signed integer of the same
 # width) and the key of +inf; keys above it are NaNs.
 KEY_MASKS = {
@@ -66,14 +75,16 @@ def robust_absmax(weight: Tensor, q: float = 0.99) -> Tensor:
         values = values.float()  # torch.quantile's own dtypes; half precision is computed in float32
     lower, upper, weight_frac = quantile_ranks(values.numel(), q, values.dtype)
     if values.is_cpu and not torch.compiler.is_compiling():
+        fused = torch_lerp_is_fused(values.dtype)
         # ravel(order="K") is a view for any dense layout (contiguous, channels-last, transposed), else a copy.
-        pair, _ = order_statistics_by_selection(values.numpy().ravel(order="K"), lower, upper)
-        # 0-dim numpy views make 0-dim tensors faster than indexing or unbinding a tensor of two does.
-        low, high = torch.from_numpy(pair[0, ...]), torch.from_numpy(pair[1, ...])
+        floats, _ = percentile_by_selection(values.numpy().ravel(order="K"), lower, upper, weight_frac, bool(fused))
+        # 0-dim numpy views make 0-dim tensors faster than indexing or unbinding a tensor does.
+        if fused is None:  # the kernel's lerp matched neither rounding of torch's here: call torch's
+            result = torch.lerp(torch.from_numpy(floats[0, ...]), torch.from_numpy(floats[1, ...]), weight_frac)
+        else:
+            result = torch.from_numpy(floats[2, ...])
     else:
-        low, high = order_statistics_by_topk(flat_view(values), lower, upper)
-    # torch's own lerp, not a copy of its formula: whether it fuses the multiply-add depends on the CPU.
-    result = torch.lerp(low, high, weight_frac)
+        result = torch.lerp(*order_statistics_by_topk(flat_view(values), lower, upper), weight_frac)
     return result if result.dtype == result_dtype else result.to(result_dtype)
 
 
@@ -115,14 +126,31 @@ def order_statistics_by_topk(values: Tensor, lower: int, upper: int) -> tuple[Te
     return pair[0], pair[upper - lower]
 
 
-def order_statistics_by_selection(values: np.ndarray, lower: int, upper: int) -> tuple[np.ndarray, int]:
-    """The ascending-rank ``lower`` and ``upper`` order statistics of |values| (a contiguous 1-D float32 or
-    float64 array) as an array of two (NaN if any element is NaN), and how many sampled rounds narrowed the
-    set before the final selection (0: it selected among all elements; the tests watch this)."""
+def percentile_by_selection(values: np.ndarray, lower: int, upper: int, weight: float,
+                            fused: bool) -> tuple[np.ndarray, int]:
+    """([low, high, lerp(low, high, weight)], rounds) for a contiguous 1-D float32 or float64 array: the
+    ascending-rank ``lower`` and ``upper`` order statistics of |values| (NaN if any element is NaN), their
+    interpolation as torch.lerp computes it when its multiply-add is ``fused`` or not, and how many sampled
+    rounds narrowed the set before the final selection (0: it selected among all elements; the tests watch)."""
     sign_mask, inf_key = KEY_MASKS[values.dtype]
     # The tunables are arguments, not globals, because numba freezes globals into the compiled code.
-    return compiled_selection()(values, sign_mask, inf_key, lower, upper, DIRECT_SELECTION_SIZE, SAMPLE_SIZE,
-                                SAMPLE_MARGIN_SIGMAS)
+    return compiled_selection()(values, sign_mask, inf_key, lower, upper, weight, fused, DIRECT_SELECTION_SIZE,
+                                SAMPLE_SIZE, SAMPLE_MARGIN_SIGMAS)
+
+
+@functools.cache
+def torch_lerp_is_fused(dtype: torch.dtype) -> bool | None:
+    """Whether torch's CPU lerp rounds its multiply-add once (an FMA, as builds for AVX2, AVX-512 or ARM do) or
+    twice, judged by its results on LERP_PROBES; None if they fit neither, and robust_absmax calls torch.lerp."""
+    compiled_selection()
+    scalar = torch.empty(0, dtype=dtype).numpy().dtype.type
+
+    def fits(fused: bool) -> bool:
+        return all(torch.lerp(torch.tensor(low, dtype=dtype), torch.tensor(high, dtype=dtype), weight).item()
+                   == lerp(scalar(low), scalar(high), scalar(weight), fused) for low, high, weight in LERP_PROBES)
+
+    verdicts = [fused for fused in (True, False) if fits(fused)]
+    return verdicts[0] if len(verdicts) == 1 else None
 
 
 @functools.cache
@@ -136,6 +164,11 @@ def compiled_selection() -> Callable[..., tuple[np.ndarray, int]]:
     """
     import numba
     from numba.cpython.unsafe.numbers import trailing_zeros
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def fma(typing_context, a, b, c):  # LLVM's fma: a * b + c rounded once, as IEEE 754 defines it
+        return a(a, b, c), lambda context, builder, signature, args: builder.fma(*args)
 
     def jit(function):
         try:
@@ -145,19 +178,22 @@ def compiled_selection() -> Callable[..., tuple[np.ndarray, int]]:
 
     # The kernels call each other through these module globals, which numba resolves when it compiles.
     module = globals()
-    module["lowest_set_bit"] = trailing_zeros
+    module["lowest_set_bit"], module["fused_multiply_add"] = trailing_zeros, fma
     for kernel in CPU_KERNELS:
         module[kernel.__name__] = jit(kernel)
     return module["select_order_statistics"]
 
 
 # The kernels below are plain Python that numba compiles (``compiled_selection``); keys are the bit patterns of
-# the magnitudes as signed integers, so every comparison is an exact integer one.
+# the magnitudes as signed integers, so every comparison is an exact integer one. compiled_selection binds these
+# two to numba intrinsics (one instruction each): the index of a word's lowest set bit, and a * b + c rounded once.
+lowest_set_bit = fused_multiply_add = None
+
 
 def select_order_statistics(values: np.ndarray, sign_mask: np.signedinteger, inf_key: np.signedinteger, lower: int,
-                            upper: int, direct_size: int, sample_size: int,
+                            upper: int, weight: float, fused: bool, direct_size: int, sample_size: int,
                             margin_sigmas: float) -> tuple[np.ndarray, int]:
-    """``order_statistics_by_selection`` on the numpy view of the values."""
+    """``percentile_by_selection`` on the numpy view of the values."""
     keys = values.view(np.asarray(sign_mask).dtype)  # the raw bit patterns; masked as they are read
     needed, spread = keys.size - lower, upper - lower  # the needed-th and (needed - spread)-th largest
     rounds = 0
@@ -170,14 +206,14 @@ def select_order_statistics(values: np.ndarray, sign_mask: np.signedinteger, inf
         above, band_size, top = split_at_bounds(keys, sign_mask, low_key, high_key, band)
         # top is the largest key at or above low_key, so a NaN key is seen whatever the bounds are.
         if top > inf_key:
-            return as_floats(top, top, keys, values), rounds
+            return as_floats(top, top, keys, values, weight, fused), rounds
         # An overfull band (ties, a poor sample; it also keeps the band below half the set) or bounds that miss
         # the wanted ranks: select among these keys instead.
         if band_size > capacity or not brackets(above, band_size, needed, spread):
             break
         keys, needed, rounds = band[:band_size], needed - above, rounds + 1
     low_key, high_key = select_pair(keys, sign_mask, inf_key, needed, spread)
-    return as_floats(low_key, high_key, keys, values), rounds
+    return as_floats(low_key, high_key, keys, values, weight, fused), rounds
 
 
 def sampled_bounds(keys: np.ndarray, sign_mask: np.signedinteger, needed: int, spread: int, sample_size: int,
@@ -265,11 +301,6 @@ def keep_hits(group: np.ndarray, hits: np.uint64, sign_mask: np.signedinteger, h
     return above, band_size, top
 
 
-def lowest_set_bit(word: np.uint64) -> int:
-    """Index of the lowest set bit of a nonzero word; compiled as numba's ``trailing_zeros`` (one instruction)."""
-    return (int(word) & -int(word)).bit_length() - 1
-
-
 def brackets(above: int, band_size: int, needed: int, spread: int) -> bool:
     """Whether the needed-th and (needed - spread)-th largest both lie in the band."""
     return above <= needed - spread - 1 and above + band_size >= needed
@@ -353,13 +384,27 @@ def sift_down(keys: np.ndarray, base: int, root: int, size: int) -> None:
         root = child
 
 
-def as_floats(low_key: int, high_key: int, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """The two keys as floats of the values' dtype (a view of their bits; numba widens integer arithmetic to
-    64 bits, so the keys' own width comes from the key array)."""
-    pair = np.empty(2, keys.dtype)
-    pair[0], pair[1] = low_key, high_key
-    return pair.view(values.dtype)
+def as_floats(low_key: int, high_key: int, keys: np.ndarray, values: np.ndarray, weight: float,
+              fused: bool) -> np.ndarray:
+    """[low, high, lerp(low, high, weight)] in the values' dtype, low and high being the keys' bits viewed as
+    floats (numba widens integer arithmetic to 64 bits, so the keys' own width comes from the key array)."""
+    floats = np.empty(3, values.dtype)
+    bits = floats.view(keys.dtype)
+    bits[0], bits[1] = low_key, high_key
+    floats[2] = lerp(floats[0], floats[1], values.dtype.type(weight), fused)
+    return floats
+
+
+def lerp(low: np.floating, high: np.floating, weight: np.floating, fused: bool) -> np.floating:
+    """torch's CPU lerp (ATen/native/Lerp.h) in the inputs' precision, its multiply-add rounded once or twice."""
+    one = np.asarray(low).dtype.type(1)  # a literal 1 would widen float32 arithmetic to float64
+    difference = high - low
+    if abs(weight) < 0.5:
+        return fused_multiply_add(weight, difference, low) if fused else low + weight * difference
+    # torch's scalar code writes high - difference * (1 - weight), its vector code fma(weight - 1, difference,
+    # high): the same value, as 1 - weight is exact for weight >= 0.5
+    return fused_multiply_add(weight - one, difference, high) if fused else high - difference * (one - weight)
 
 
 CPU_KERNELS = (select_order_statistics, sampled_bounds, sample_stride, split_at_bounds, keep_hits, brackets,
-               select_pair, select_in_place, heapsort, sift_down, as_floats)
+               select_pair, select_in_place, heapsort, sift_down, as_floats, lerp)

@@ -40,8 +40,8 @@ def assert_identical(result: torch.Tensor, expected: torch.Tensor) -> None:
 def sampled_rounds(weight: torch.Tensor, q: float = 0.99) -> int:
     """How many sampled rounds narrowed the set before the CPU kernel's final selection (0: none did)."""
     values = weight.detach().flatten()
-    lower, upper, _ = quantile_ranks(values.numel(), q, values.dtype)
-    return percentile.order_statistics_by_selection(values.numpy(), lower, upper)[1]
+    lower, upper, weight_frac = quantile_ranks(values.numel(), q, values.dtype)
+    return percentile.percentile_by_selection(values.numpy(), lower, upper, weight_frac, True)[1]
 
 
 @pytest.fixture
@@ -251,6 +251,51 @@ def test_heapsort_the_quickselect_falls_back_to():
             expected = keys.copy()
             expected[low:high + 1].sort()
             assert np.array_equal(sorted_range, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_probes_tell_a_fused_lerp_from_an_unfused_one(dtype):
+    """In each branch of lerp (weight below 0.5 and not) some probe's result depends on the rounding."""
+    percentile.compiled_selection()
+    scalar = torch.empty(0, dtype=dtype).numpy().dtype.type
+    for branch in (lambda weight: weight < 0.5, lambda weight: weight >= 0.5):
+        assert any(percentile.lerp(scalar(low), scalar(high), scalar(weight), True)
+                   != percentile.lerp(scalar(low), scalar(high), scalar(weight), False)
+                   for low, high, weight in percentile.LERP_PROBES if branch(weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_lerp_is_torch_lerp(dtype):
+    """The lerp the CPU kernel computes is torch.lerp's, bit for bit, on random and edge-case inputs."""
+    fused = percentile.torch_lerp_is_fused(dtype)
+    assert fused is not None, "torch.lerp here rounds neither like an FMA nor like a multiply and an add"
+    scalar = torch.empty(0, dtype=dtype).numpy().dtype.type
+    rng = np.random.default_rng(5)
+    low = np.abs(rng.standard_normal(4000)) * 10.0 ** rng.integers(-30, 30, 4000)
+    high = low * (1 + rng.random(4000) * 10.0 ** rng.integers(-8, 3, 4000))
+    weights = rng.random(4000)
+    finfo = torch.finfo(dtype)
+    edge_pairs = [(0.0, 0.0), (0.0, 1.0), (1.0, 1.0), (finfo.tiny / 4, finfo.tiny), (1.0, math.inf),
+                  (math.inf, math.inf), (finfo.max / 2, finfo.max), (1.0, 1.5)]
+    edge_weights = [0.0, 0.5, np.nextafter(scalar(0.5), scalar(0)), 0.25, 0.75, 1e-30, 0.999999, 0.3]
+    low[:len(edge_pairs)], high[:len(edge_pairs)] = zip(*edge_pairs)
+    weights[:len(edge_weights)] = edge_weights
+    weights[len(edge_weights)::8] = 0.5  # the branch boundary, where high - low is often inexact
+    for lo, hi, weight in zip(low.astype(scalar), high.astype(scalar), weights.astype(scalar)):
+        expected = torch.lerp(torch.tensor(lo), torch.tensor(hi), float(weight))  # robust_absmax's call
+        result = percentile.lerp(lo, hi, weight, fused)
+        assert result == expected.item() or (math.isnan(result) and math.isnan(expected)), (lo, hi, weight)
+
+
+def test_torch_lerp_fallback_gives_the_same_results(monkeypatch):
+    """Where the kernel's lerp matches neither rounding, robust_absmax interpolates with torch.lerp itself."""
+    monkeypatch.setattr(percentile, "torch_lerp_is_fused", lambda dtype: None)
+    rng = random.Random(6)
+    for _ in range(30):
+        n = rng.randrange(1, 20_000)
+        w = random_tensor(rng, n, rng.choice([torch.float32, torch.float64]))
+        assert_identical(robust_absmax(w), quantile(w))
+    assert math.isnan(robust_absmax(torch.tensor([1.0, math.nan])))
 
 
 def test_layouts_and_dtypes():
