@@ -45,6 +45,8 @@ DIRECT_SELECTION_SIZE = 1 << 10
 SAMPLE_SIZE = 1 << 12
 # Bounds sit this many binomial standard deviations beyond the rank a sample element is expected at.
 SAMPLE_MARGIN_SIGMAS = 5.0
+# Quickselect takes its pivot from a sorted sample of this many keys in ranges of 16 times as many.
+PIVOT_SAMPLE = 16
 # The bracketing pass compares keys in blocks of this many, one bit each in 64-bit masks.
 BLOCK = 256
 # lerp inputs on which rounding its multiply-add once (an FMA) and twice give different results, in both of its
@@ -326,22 +328,15 @@ def select_pair(keys: np.ndarray, sign_mask: np.signedinteger, inf_key: np.signe
 
 def select_in_place(keys: np.ndarray, rank: int, low: int, high: int) -> int:
     """The key of ascending rank ``rank`` among keys[low:high + 1], whose other ranks hold only keys outside
-    that range of positions. Quickselect (Hoare's partition, median-of-3 pivot); a range that has not shrunk
-    to one key after 2 log2(n) + 8 partitions is heapsorted, which bounds the worst case by O(n log n)."""
+    that range of positions. Quickselect (Hoare's partition); a range that has not shrunk to one key after
+    2 log2(n) + 8 partitions is heapsorted, which bounds the worst case by O(n log n)."""
     partitions_left = 2 * int(math.log2(high - low + 1)) + 8
     while low < high:
         if partitions_left == 0:
             heapsort(keys, low, high)
             break
         partitions_left -= 1
-        middle = (low + high) // 2
-        if keys[middle] < keys[low]:
-            keys[low], keys[middle] = keys[middle], keys[low]
-        if keys[high] < keys[middle]:
-            keys[high], keys[middle] = keys[middle], keys[high]
-            if keys[middle] < keys[low]:
-                keys[low], keys[middle] = keys[middle], keys[low]
-        pivot = keys[middle]
+        pivot = pivot_near(keys, rank, low, high) if high - low >= 16 * PIVOT_SAMPLE else median_of_3(keys, low, high)
         i, j = low, high
         while i <= j:
             while keys[i] < pivot:
@@ -360,6 +355,34 @@ def select_in_place(keys: np.ndarray, rank: int, low: int, high: int) -> int:
         else:
             break
     return keys[rank]
+
+
+def pivot_near(keys: np.ndarray, rank: int, low: int, high: int) -> int:
+    """A pivot just on the near side of ``rank`` in keys[low:high + 1], so that the part holding the rank is small
+    (the wanted ranks are mostly near the top): the matching order statistic of a sorted strided sample, one
+    sample element further towards the middle."""
+    step = (high - low + 1) // PIVOT_SAMPLE
+    for j in range(1, PIVOT_SAMPLE):  # insertion sort of the sample, in place among its positions
+        key, k = keys[low + j * step], j - 1
+        while k >= 0 and keys[low + k * step] > key:
+            keys[low + (k + 1) * step] = keys[low + k * step]
+            k -= 1
+        keys[low + (k + 1) * step] = key
+    position = (rank - low) * PIVOT_SAMPLE // (high - low + 1)
+    position += -1 if 2 * (rank - low) >= high - low else 1
+    return keys[low + min(max(position, 0), PIVOT_SAMPLE - 1) * step]
+
+
+def median_of_3(keys: np.ndarray, low: int, high: int) -> int:
+    """The median of the first, middle and last keys of keys[low:high + 1], which it leaves in order."""
+    middle = (low + high) // 2
+    if keys[middle] < keys[low]:
+        keys[low], keys[middle] = keys[middle], keys[low]
+    if keys[high] < keys[middle]:
+        keys[high], keys[middle] = keys[middle], keys[high]
+        if keys[middle] < keys[low]:
+            keys[low], keys[middle] = keys[middle], keys[low]
+    return keys[middle]
 
 
 def heapsort(keys: np.ndarray, low: int, high: int) -> None:
@@ -407,4 +430,4 @@ def lerp(low: np.floating, high: np.floating, weight: np.floating, fused: bool) 
 
 
 CPU_KERNELS = (select_order_statistics, sampled_bounds, sample_stride, split_at_bounds, keep_hits, brackets,
-               select_pair, select_in_place, heapsort, sift_down, as_floats, lerp)
+               select_pair, select_in_place, pivot_near, median_of_3, heapsort, sift_down, as_floats, lerp)

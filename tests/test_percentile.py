@@ -224,10 +224,11 @@ def test_failed_bounds_never_change_the_result(small_sets, monkeypatch):
 
 
 def test_quickselect_on_patterns_that_defeat_pivot_rules():
-    """The final selection at every rank against numpy, on orders where a simple pivot choice degrades."""
+    """The final selection at every rank against numpy, on orders where a simple pivot choice degrades (sizes
+    with sampled pivots and with medians of 3)."""
     percentile.compiled_selection()
     select_in_place = percentile.select_in_place  # compiled now
-    n = 257
+    n = 16 * percentile.PIVOT_SAMPLE * 3 + 1
     patterns = {"sorted": np.arange(n), "reverse": np.arange(n)[::-1], "equal": np.zeros(n),
                 "organ pipe": np.concatenate([np.arange(n // 2), np.arange(n - n // 2)[::-1]]),
                 "sawtooth": np.arange(n) % 7, "two values": np.arange(n) % 2,
