@@ -69,24 +69,25 @@ def robust_absmax(weight: Tensor, q: float = 0.99) -> Tensor:
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"q must be in [0, 1], got {q}")
-    values = weight.detach()  # detached: nothing below records a graph (cheaper than no_grad)
-    if values.numel() == 0:
+    if weight.numel() == 0:
         raise ValueError("robust_absmax of an empty tensor")
-    result_dtype = values.dtype
-    if values.dtype not in (torch.float32, torch.float64):
-        values = values.float()  # torch.quantile's own dtypes; half precision is computed in float32
+    result_dtype = weight.dtype
+    # torch.quantile's own dtypes are float32 and float64; half precision is computed in float32.
+    values = weight if result_dtype in (torch.float32, torch.float64) else weight.detach().float()
     lower, upper, weight_frac = quantile_ranks(values.numel(), q, values.dtype)
     if values.is_cpu and not torch.compiler.is_compiling():
         fused = torch_lerp_is_fused(values.dtype)
-        # ravel(order="K") is a view for any dense layout (contiguous, channels-last, transposed), else a copy.
-        floats, _ = percentile_by_selection(values.numpy().ravel(order="K"), lower, upper, weight_frac, bool(fused))
+        # numpy(force=True) detaches, faster than a detach() call; ravel(order="K") is a view for any dense
+        # layout (contiguous, channels-last, transposed), else a copy.
+        array = values.numpy(force=True).ravel(order="K")
+        floats, _ = percentile_by_selection(array, lower, upper, weight_frac, bool(fused))
         # 0-dim numpy views make 0-dim tensors faster than indexing or unbinding a tensor does.
         if fused is None:  # the kernel's lerp matched neither rounding of torch's here: call torch's
             result = torch.lerp(torch.from_numpy(floats[0, ...]), torch.from_numpy(floats[1, ...]), weight_frac)
         else:
             result = torch.from_numpy(floats[2, ...])
-    else:
-        result = torch.lerp(*order_statistics_by_topk(flat_view(values), lower, upper), weight_frac)
+    else:  # detached: nothing records a graph (cheaper than no_grad)
+        result = torch.lerp(*order_statistics_by_topk(flat_view(values.detach()), lower, upper), weight_frac)
     return result if result.dtype == result_dtype else result.to(result_dtype)
 
 
