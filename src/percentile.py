@@ -108,14 +108,14 @@ def quantile_ranks(n: int, q: float, dtype: torch.dtype) -> tuple[int, int, floa
     to the input's dtype (checked bit for bit against torch.quantile by the tests). Plain Python, so
     torch.compile folds it into constants.
     """
-    rank = to_dtype(q, dtype) * (n - 1)
-    lower = min(math.floor(rank), n - 1)
-    upper = min(math.ceil(rank), n - 1)
-    return lower, upper, to_dtype(rank - lower, dtype)
+    rank = to_dtype(q, dtype) * (n - 1)  # at most n - 1 for q in [0, 1], and so are both ranks
+    lower = math.floor(rank)
+    return lower, math.ceil(rank), to_dtype(rank - lower, dtype)
 
 
 def to_dtype(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to float32 (to nearest, ties to even) when ``dtype`` is float32; float64 keeps it."""
+    # struct's functions rather than a compiled struct.Struct, whose methods torch.compile cannot trace.
     return struct.unpack("f", struct.pack("f", value))[0] if dtype == torch.float32 else value
 
 

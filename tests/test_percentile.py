@@ -329,6 +329,12 @@ def test_rejects_empty_and_bad_q():
         robust_absmax(torch.zeros(3), q=1.5)
 
 
+def test_compiles_without_graph_breaks():
+    """Under torch.compile the topk path is traced whole: ranks fold to constants, numba stays out."""
+    explanation = torch._dynamo.explain(lambda w: robust_absmax(w) * 2)(torch.randn(1000))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_numba_is_imported_on_first_use_only():
     """Importing the module (as --dry-run, config errors and GPU runs do) must not pay numba's import time."""
     code = ("import sys, torch; from src import percentile; assert 'numba' not in sys.modules; "
