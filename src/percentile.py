@@ -215,7 +215,11 @@ def select_order_statistics(values: np.ndarray, sign_mask: np.signedinteger, inf
         if band_size > capacity or not brackets(above, band_size, needed, spread):
             break
         keys, needed, rounds = band[:band_size], needed - above, rounds + 1
-    low_key, high_key = select_pair(keys, sign_mask, inf_key, needed, spread)
+    if rounds == 0:  # the keys are the caller's data: select in a masked copy, which also shows any NaN
+        keys, top = masked_copy(keys, sign_mask)
+        if top > inf_key:
+            return as_floats(top, top, keys, values, weight, fused), rounds
+    low_key, high_key = select_pair(keys, needed, spread)  # a band is ours, masked and NaN-free
     return as_floats(low_key, high_key, keys, values, weight, fused), rounds
 
 
@@ -309,22 +313,23 @@ def brackets(above: int, band_size: int, needed: int, spread: int) -> bool:
     return above <= needed - spread - 1 and above + band_size >= needed
 
 
-def select_pair(keys: np.ndarray, sign_mask: np.signedinteger, inf_key: np.signedinteger, needed: int,
-                spread: int) -> tuple[int, int]:
-    """The needed-th and (needed - spread)-th largest masked keys, ascending (both NaN keys if any is NaN);
-    selects in a copy, the keys may be the caller's data."""
-    scratch = np.empty(keys.size, keys.dtype)
+def masked_copy(keys: np.ndarray, sign_mask: np.signedinteger) -> tuple[np.ndarray, int]:
+    """(the keys with their sign bits cleared, in a new array; the largest of them)."""
+    copy = np.empty(keys.size, keys.dtype)
     top = keys.dtype.type(0)
     for i in range(keys.size):
         key = keys[i] & sign_mask
-        scratch[i] = key
+        copy[i] = key
         top = max(top, key)
-    if top > inf_key:
-        return top, top
+    return copy, top
+
+
+def select_pair(keys: np.ndarray, needed: int, spread: int) -> tuple[int, int]:
+    """The needed-th and (needed - spread)-th largest of the (masked, NaN-free) keys, ascending; reorders them."""
     index = keys.size - needed
-    low_key = select_in_place(scratch, index, 0, keys.size - 1)
+    low_key = select_in_place(keys, index, 0, keys.size - 1)
     # spread is 0 or 1; the next rank up is the smallest key of the part above the selected one.
-    return low_key, scratch[index + 1:].min() if spread else low_key
+    return low_key, keys[index + 1:].min() if spread else low_key
 
 
 def select_in_place(keys: np.ndarray, rank: int, low: int, high: int) -> int:
@@ -431,4 +436,5 @@ def lerp(low: np.floating, high: np.floating, weight: np.floating, fused: bool) 
 
 
 CPU_KERNELS = (select_order_statistics, sampled_bounds, sample_stride, split_at_bounds, keep_hits, brackets,
-               select_pair, select_in_place, pivot_near, median_of_3, heapsort, sift_down, as_floats, lerp)
+               masked_copy, select_pair, select_in_place, pivot_near, median_of_3, heapsort, sift_down, as_floats,
+               lerp)
