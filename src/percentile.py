@@ -5,28 +5,28 @@ the same ranks, computed with the same floating-point arithmetic, and the same `
 ``torch.quantile`` it sorts nothing (a full sort is what made the percentile dominate QAT steps)
 and has no size limit (torch releases before 2.x refused more than 2^24 elements).
 
-On CPU the interpolation is the kernel's copy of torch's lerp formula, which spares the ~3 us of
-three tensor operations; whether torch rounds its multiply-add once (an FMA) or twice depends on
-how it was built for the CPU, so ``torch_lerp_is_fused`` asks torch.lerp on probe inputs first,
-and where neither rounding fits, torch.lerp itself interpolates.
-
 Two exact selection methods find the two order statistics the interpolation needs:
 
 * ``order_statistics_by_topk``: ``topk`` of the largest ``n - lower`` magnitudes, then the two
   smallest of those. Pure torch and free of host synchronisation, so CUDA/MPS tensors and
   ``torch.compile`` tracing use it.
-* ``order_statistics_by_selection`` (CPU): compiled numba kernels on integer keys. A float's bit
+* ``percentile_by_selection`` (CPU): compiled numba kernels on integer keys. A float's bit
   pattern with the sign bit masked off, read as an integer, orders exactly as |x| does (NaNs get
   the keys above that of +inf), and integer compares vectorise where float ones would not. Up to
   ``DIRECT_SELECTION_SIZE`` elements the keys are copied and quickselected. Larger sets are first
   narrowed, Floyd-Rivest style: a strided sample gives keys ``low <= wanted keys <= high`` that
   hold with overwhelming probability; one pass compares the keys with ``low`` in blocks of 256
   (vectorised compares whose 64-bit masks name the few keys to look at), counts those above
-  ``high`` and keeps the band ``[low, high]`` (~1 % of the set); the counts check the bounds, and
+  ``high`` and keeps the band ``[low, high]`` (1-2 % of the set); the counts check the bounds, and
   the band is narrowed the same way until it is small enough to select in. When a check fails (an
   unlucky or adversarial sample, ties that fill the band) the kernel selects among the elements it
   has, so the result never depends on the sample, only the time. numba is imported, and the
   kernels compiled or loaded from its cache, on the first CPU call (``compiled_selection``).
+
+On CPU the interpolation is the kernel's copy of torch's lerp formula, which spares the ~3 us of
+three tensor operations; whether torch rounds its multiply-add once (an FMA) or twice depends on
+how it was built for the CPU, so ``torch_lerp_is_fused`` asks torch.lerp on probe inputs first,
+and where neither rounding fits, torch.lerp itself interpolates.
 """
 from __future__ import annotations
 
