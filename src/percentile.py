@@ -165,7 +165,6 @@ def compiled_selection() -> Callable[..., tuple[np.ndarray, int]]:
     ``cache=True`` stores the machine code in ``__pycache__`` (or numba's per-user cache directory), so later
     processes load it in ~10 ms per dtype instead of compiling it for ~6 s.
     """
-    import numba
     from numba.cpython.unsafe.numbers import trailing_zeros
     from numba.extending import intrinsic
 
@@ -173,18 +172,22 @@ def compiled_selection() -> Callable[..., tuple[np.ndarray, int]]:
     def fma(typing_context, a, b, c):  # LLVM's fma: a * b + c rounded once, as IEEE 754 defines it
         return a(a, b, c), lambda context, builder, signature, args: builder.fma(*args)
 
-    def jit(function):
-        try:
-            return numba.njit(cache=True, nogil=True)(function)
-        except RuntimeError:  # numba found no writable cache directory: compile in every process instead
-            return numba.njit(nogil=True)(function)
-
     # The kernels call each other through these module globals, which numba resolves when it compiles.
     module = globals()
     module["lowest_set_bit"], module["fused_multiply_add"] = trailing_zeros, fma
     for kernel in CPU_KERNELS:
-        module[kernel.__name__] = jit(kernel)
+        module[kernel.__name__] = compile_kernel(kernel)
     return module["select_order_statistics"]
+
+
+def compile_kernel(function: Callable) -> Callable:
+    """``function`` compiled by ``numba.njit(cache=True, nogil=True)``; imports numba, so call it on first CPU use."""
+    import numba
+
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # numba found no writable cache directory: compile in every process instead
+        return numba.njit(nogil=True)(function)
 
 
 # The kernels below are plain Python that numba compiles (``compiled_selection``); keys are the bit patterns of

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
+import src.quantizer as quantizer_module
 from src.percentile import robust_absmax
 from src.quantizer import DeadZoneLDZCompander, levels
 from src.utils_quantization import attach_weight_quantizers
@@ -102,6 +103,57 @@ def test_fused_matches_plain_equations(kind):
         assert torch.equal(grad_w, ref_grad_w)
         assert_logit_grad_matches(grad_dz, ref_grad_dz, exact_dz)
         assert_logit_grad_matches(grad_bit, ref_grad_bit, exact_bit)
+
+
+def bits_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The bit patterns (torch.equal takes -0.0 for 0.0)."""
+    return tensor.view(torch.int64 if tensor.dtype == torch.float64 else torch.int32)
+
+
+@pytest.mark.parametrize("layout", ["float64", "transposed", "sliced", "negative_offset"])
+def test_cpu_kernels_match_plain_equations_for_other_dtypes_and_layouts(layout, monkeypatch):
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(64, 48, generator=generator, dtype=torch.float64 if layout == "float64" else torch.float32)
+    weight = {"transposed": weight.t(), "sliced": weight[:, ::3]}.get(layout, weight)
+    upstream = torch.randn(weight.shape, generator=generator, dtype=weight.dtype)
+    # 3 bits and a dead zone narrower than a step put the offset below zero, where codes of -0.0 give outputs
+    # of -0.0 (105 of them here).
+    logits = (0.1, -2.0) if layout == "negative_offset" else (0.5, 1.0)
+    quantizer = DeadZoneLDZCompander(4, 8, *logits).to(weight.dtype)
+    out, grad_w, grad_dz, grad_bit = run(fused_forward, quantizer, weight, upstream)
+    ref_out, ref_grad_w, ref_grad_dz, ref_grad_bit = run(reference_forward, quantizer, weight, upstream)
+    _, _, exact_dz, exact_bit = run(reference_forward, quantizer.double(), weight.double(), upstream.double())
+    quantizer.to(weight.dtype)
+    assert torch.equal(out, ref_out) and torch.equal(grad_w, ref_grad_w)
+    if layout == "transposed":  # the output keeps the weight's layout
+        assert out.stride() == weight.stride()
+    assert_logit_grad_matches(grad_dz, ref_grad_dz, exact_dz)
+    assert_logit_grad_matches(grad_bit, ref_grad_bit, exact_bit)
+    # The torch ops (GPU, torch.compile) give the same bits, signed zeros included, unlike the reference graph,
+    # whose x + (f(x) - x) turns -0.0 into 0.0.
+    monkeypatch.setattr(quantizer_module, "CPU_KERNEL_DTYPES", ())
+    torch_out, torch_grad_w, _, _ = run(fused_forward, quantizer, weight, upstream)
+    assert torch.equal(bits_of(out), bits_of(torch_out)) and torch.equal(bits_of(grad_w), bits_of(torch_grad_w))
+
+
+def test_cpu_eager_quantizer_runs_the_compiled_kernels(monkeypatch):
+    quantize, gradients = quantizer_module.compiled_kernels()
+    calls = []
+
+    def counted(name, kernel):
+        def call(*args):
+            calls.append(name)
+            return kernel(*args)
+        return call
+
+    monkeypatch.setattr(quantizer_module, "compiled_kernels",
+                        lambda: (counted("forward", quantize), counted("backward", gradients)))
+    generator = torch.Generator().manual_seed(3)
+    weight, upstream = torch.randn(32, 16, 3, 3, generator=generator), torch.randn(32, 16, 3, 3, generator=generator)
+    run(fused_forward, DeadZoneLDZCompander(), weight, upstream)
+    assert calls == ["forward", "backward"]
+    run(fused_forward, DeadZoneLDZCompander().half(), weight.half(), upstream.half())  # torch ops in half precision
+    assert calls == ["forward", "backward"]
 
 
 def test_logit_gradients_are_not_trivially_zero():
