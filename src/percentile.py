@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from src.kernels import compile_into, flat_array
+
 # Sets up to this size are quickselected directly (~3 ns per element); larger ones are narrowed by samples first.
 DIRECT_SELECTION_SIZE = 1 << 10
 # Samples hold about 1/32 of a set, at most this many elements.
@@ -77,10 +79,7 @@ def robust_absmax(weight: Tensor, q: float = 0.99) -> Tensor:
     lower, upper, weight_frac = quantile_ranks(values.numel(), q, values.dtype)
     if values.is_cpu and not torch.compiler.is_compiling():
         fused = torch_lerp_is_fused(values.dtype)
-        # numpy(force=True) detaches, faster than a detach() call; ravel(order="K") is a view for any dense
-        # layout (contiguous, channels-last, transposed), else a copy.
-        array = values.numpy(force=True).ravel(order="K")
-        floats, _ = percentile_by_selection(array, lower, upper, weight_frac, bool(fused))
+        floats, _ = percentile_by_selection(flat_array(values), lower, upper, weight_frac, bool(fused))
         # 0-dim numpy views make 0-dim tensors faster than indexing or unbinding a tensor does.
         if fused is None:  # the kernel's lerp matched neither rounding of torch's here: call torch's
             result = torch.lerp(torch.from_numpy(floats[0, ...]), torch.from_numpy(floats[1, ...]), weight_frac)
@@ -158,13 +157,7 @@ def torch_lerp_is_fused(dtype: torch.dtype) -> bool | None:
 
 @functools.cache
 def compiled_selection() -> Callable[..., tuple[np.ndarray, int]]:
-    """``select_order_statistics`` compiled, with the kernels it calls, on first use.
-
-    numba is imported here rather than with the module: its import (~0.15 s) and its start-up at the first
-    compiled call (~0.4 s) would cost ``--dry-run``, configuration errors and GPU runs for nothing.
-    ``cache=True`` stores the machine code in ``__pycache__`` (or numba's per-user cache directory), so later
-    processes load it in ~10 ms per dtype instead of compiling it for ~6 s.
-    """
+    """``select_order_statistics`` compiled, with the kernels it calls, on first use (``src.kernels``)."""
     from numba.cpython.unsafe.numbers import trailing_zeros
     from numba.extending import intrinsic
 
@@ -172,22 +165,10 @@ def compiled_selection() -> Callable[..., tuple[np.ndarray, int]]:
     def fma(typing_context, a, b, c):  # LLVM's fma: a * b + c rounded once, as IEEE 754 defines it
         return a(a, b, c), lambda context, builder, signature, args: builder.fma(*args)
 
-    # The kernels call each other through these module globals, which numba resolves when it compiles.
     module = globals()
     module["lowest_set_bit"], module["fused_multiply_add"] = trailing_zeros, fma
-    for kernel in CPU_KERNELS:
-        module[kernel.__name__] = compile_kernel(kernel)
+    compile_into(module, CPU_KERNELS)
     return module["select_order_statistics"]
-
-
-def compile_kernel(function: Callable) -> Callable:
-    """``function`` compiled by ``numba.njit(cache=True, nogil=True)``; imports numba, so call it on first CPU use."""
-    import numba
-
-    try:
-        return numba.njit(cache=True, nogil=True)(function)
-    except RuntimeError:  # numba found no writable cache directory: compile in every process instead
-        return numba.njit(nogil=True)(function)
 
 
 # The kernels below are plain Python that numba compiles (``compiled_selection``); keys are the bit patterns of

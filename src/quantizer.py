@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from src.percentile import compile_kernel, robust_absmax
+from src.kernels import compile_into, flat_array
+from src.percentile import robust_absmax
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -109,13 +110,11 @@ class DeadZoneQuantize(torch.autograd.Function):
             scalars = ((grad * sign_change).sum(), (grad * rounding_error).sum(), absmax, deadzone, max_code,
                        logit_dz, logit_bit)
             if grad.device.type == "cpu" and not torch.compiler.is_compiling():
-                # Python floats: a dozen scalar tensor ops would cost more than the layer's elementwise work.
-                grads = logit_gradients(*(float(value) for value in scalars), ctx.span, math.tanh, sign_of)
-                grad_dz, grad_bit = (torch.tensor(value, dtype=logit_dz.dtype) for value in grads)
+                grad_dz, grad_bit = logit_gradients_on_host(scalars, ctx.span, logit_dz.dtype, needs_dz, needs_bit)
             else:  # tensors, so that a GPU never waits on the host
                 grads = logit_gradients(*(value.double() for value in scalars), ctx.span, torch.tanh, torch.sign)
-                grad_dz, grad_bit = (value.to(logit_dz.dtype) for value in grads)
-            grad_dz, grad_bit = (grad_dz if needs_dz else None), (grad_bit if needs_bit else None)
+                grad_dz, grad_bit = (value.to(logit_dz.dtype) if needed else None
+                                     for value, needed in zip(grads, (needs_dz, needs_bit)))
         return grad_weight, None, grad_dz, grad_bit, None
 
     @staticmethod
@@ -129,11 +128,18 @@ class DeadZoneQuantize(torch.autograd.Function):
         sums = compiled_kernels()[1](flat_array(weight), flat_array(grad), flat_array(grad_weight), *ctx.grid)
         grad_dz = grad_bit = None
         if needs_dz or needs_bit:
-            scalars = (*sums, *(float(value) for value in (absmax, deadzone, max_code, logit_dz, logit_bit)))
-            grads = logit_gradients(*scalars, ctx.span, math.tanh, sign_of)
-            grad_dz, grad_bit = (torch.tensor(value, dtype=logit_dz.dtype) for value in grads)
-            grad_dz, grad_bit = (grad_dz if needs_dz else None), (grad_bit if needs_bit else None)
+            scalars = (*sums, absmax, deadzone, max_code, logit_dz, logit_bit)
+            grad_dz, grad_bit = logit_gradients_on_host(scalars, ctx.span, logit_dz.dtype, needs_dz, needs_bit)
         return grad_weight if needs_weight else None, None, grad_dz, grad_bit, None
+
+
+def logit_gradients_on_host(scalars: tuple, span: int, dtype: torch.dtype, needs_dz: bool,
+                            needs_bit: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``logit_gradients`` of CPU scalars in Python floats (a dozen scalar tensor ops would cost more than a small
+    layer's elementwise work), as tensors of ``dtype``; None for a logit that needs no gradient."""
+    grads = logit_gradients(*(float(value) for value in scalars), span, math.tanh, sign_of)
+    return tuple(torch.tensor(value, dtype=dtype) if needed else None
+                 for value, needed in zip(grads, (needs_dz, needs_bit)))
 
 
 def sign_of(value: float) -> float:
@@ -147,21 +153,14 @@ CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 SUM_LANES = 16
 
 
-def flat_array(tensor: Tensor) -> np.ndarray:
-    """The elements of a dense CPU tensor as a 1-D numpy view in memory order (contiguous, channels-last or
-    transposed alike), so that tensors with equal strides give views whose elements pair up."""
-    return tensor.numpy(force=True).ravel(order="K")
-
-
 @functools.cache
 def compiled_kernels() -> tuple[Callable[..., None], Callable[..., tuple[float, float]]]:
     """(``quantize_dead_zone``, ``dead_zone_gradients``) compiled, or loaded from numba's cache, on first use.
 
-    numba is imported (by ``compile_kernel``) on the first CPU call, as in ``src.percentile``: GPU runs never need it.
+    numba is imported (``src.kernels``) on the first CPU call: GPU runs never need it.
     """
-    module = globals()  # the kernels call each other through these module globals, which numba resolves on compiling
-    for kernel in (quantize_element, gradient_element, quantize_dead_zone, dead_zone_gradients):
-        module[kernel.__name__] = compile_kernel(kernel)
+    module = globals()
+    compile_into(module, (quantize_element, gradient_element, quantize_dead_zone, dead_zone_gradients))
     return module["quantize_dead_zone"], module["dead_zone_gradients"]
 
 
