@@ -52,3 +52,8 @@ class StepSettings:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Convert 4-D parameters (latent conv weights included) to channels-last when asked for."""
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """True when ``model`` is, or wraps (as DistributedDataParallel does), what ``torch.compile`` returns."""
+    return any(isinstance(module, torch._dynamo.eval_frame.OptimizedModule) for module in model.modules())

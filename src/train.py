@@ -1,6 +1,8 @@
 """One epoch of training and one pass of validation."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import sys
 import time
@@ -9,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from src.distributed import all_reduce_sum, is_main_process, sync_buffers
-from src.performance import StepSettings
+from src.performance import StepSettings, is_compiled
+from src.utils_quantization import weights_quantized_once
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +137,12 @@ def train(
     losses = torch.zeros(len(train_loader), device=device)
     progress = Progress(train_loader, state.step + len(train_loader), f"epoch {epoch} train", log_interval)
     step = state.step
+    # A compiled model quantizes inside its graph, fused with the rest of the step; an eager one all at once.
+    quantization = contextlib.nullcontext if is_compiled(model) else functools.partial(weights_quantized_once, model)
     for step, (inputs, targets) in enumerate(progress, start=first_step):
         inputs = step_settings.inputs(inputs)
         targets = targets.to(device, non_blocking=True)
-        with step_settings.autocast():
+        with step_settings.autocast(), quantization():
             logits = model(inputs)
             loss = criterion(logits, targets)
         for loss_fn in loss_fns or ():
@@ -171,7 +175,7 @@ def validate(
     step_settings = step_settings or StepSettings(device)
     meter = RunningMean(device)
     progress = Progress(val_loader, len(val_loader), "validate", log_interval)
-    with parametrize.cached():
+    with weights_quantized_once(model):
         for inputs, targets in progress:
             inputs = step_settings.inputs(inputs)
             targets = targets.to(device, non_blocking=True)

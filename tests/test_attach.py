@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 from src.models import create_model
 from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
 from src.utils_quantization import (attach_weight_quantizers, latent_weight, quantized_layers, quantizer_of,
-                                     toggle_quantization)
+                                     toggle_quantization, weights_quantized_once)
 
 
 def weight_owners(model: nn.Module) -> list[str]:
@@ -65,6 +65,32 @@ def test_forward_and_backward_through_quantized_model():
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None, name
+
+
+def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 16)
+    attach_weight_quantizers(model, ["bn"], DeadZoneLDZCompander, {"init_bit_logit": 0.35})
+    calls = []
+    for _, _, parametrization in quantized_layers(model):
+        parametrization.quantizer.register_forward_hook(lambda module, args, output: calls.append(module))
+    inputs = torch.randn(2, 3, 16, 16)
+    gradients = []
+    for once in (False, True):
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        with weights_quantized_once(model) if once else torch.enable_grad():
+            loss = model(inputs).square().sum()
+            model.conv1.weight  # a second access inside the block is served from the cache
+        loss.backward()
+        gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
+        layers = len(list(quantized_layers(model)))  # 19 convolutions and fc
+        assert len(calls) == (layers if once else layers + 1) and len(set(map(id, calls))) == layers == 20
+    per_access, up_front = gradients
+    assert per_access.keys() == up_front.keys()
+    for name, grad in per_access.items():
+        assert torch.equal(up_front[name], grad), name
+    assert torch.count_nonzero(up_front["conv1.parametrizations.weight.0.quantizer.logit_dz"])
 
 
 def test_vit_attachment_and_exclusion():
