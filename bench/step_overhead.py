@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import CLOCKS, load_average, write_results  # noqa: E402
 
+from src.experiment import fused_option  # noqa: E402
 from src.models import create_model  # noqa: E402
 from src.performance import StepSettings  # noqa: E402
 from src.quantizer import DeadZoneLDZCompander  # noqa: E402
@@ -107,7 +108,8 @@ class Variant:
     def __init__(self, model: nn.Module, settings: StepSettings, compile_model: bool, mode: str | None) -> None:
         self.model = settings.prepare_model(model)
         self.forward_model = torch.compile(model, mode=mode) if compile_model else model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # Fused where the runs' optimizer is (build_optimizer).
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused_option(torch.optim.AdamW, model))
         self.settings = settings
         self.criterion = nn.CrossEntropyLoss()
 

@@ -89,11 +89,25 @@ def group_of(parameter_name: str) -> str:
     return "base"
 
 
+# Devices whose fused optimizer kernels update a whole group in one call. On 2 CPU threads ResNet-20's AdamW step
+# takes 0.3 ms fused against 1.8 ms in torch's per-parameter loop, where each of the quantizers' 40 scalar
+# parameters costs as much as a weight tensor.
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+
+
+def fused_option(optimizer_cls: type[torch.optim.Optimizer], model: nn.Module) -> dict[str, bool]:
+    """``{"fused": True}`` where ``optimizer_cls`` has a fused kernel for the device ``model``'s parameters are on."""
+    devices = {parameter.device.type for parameter in model.parameters()}
+    fusable = "fused" in inspect.signature(optimizer_cls).parameters and devices <= set(FUSED_OPTIMIZER_DEVICES)
+    return {"fused": True} if fusable else {}
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """The 3-way optimizer: ``logit_dz`` -> dz, ``logit_bit`` -> bit, the rest -> base.
 
     A quantizer group without options in the config joins ``base``; a configured group without
     parameters is dropped with a warning. Every trainable parameter lands in exactly one group.
+    Build it after the model is on its device: the optimizer is fused there when torch has the kernel.
     """
     options = config.optimizer.param_groups
     optimizer_cls = OPTIMIZER_REGISTRY[config.optimizer.type]
@@ -126,7 +140,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
             log.warning("optimizer group %r has lr 0: its parameters will not learn", group)
         groups.append({"params": params, "name": group, **group_options.optimizer_options()})
     try:
-        return optimizer_cls(groups)
+        return optimizer_cls(groups, **fused_option(optimizer_cls, model))
     except (TypeError, ValueError) as error:
         raise ConfigError("optimizer.param_groups", str(error), f"use options that {config.optimizer.type} takes") from None
 
