@@ -1,18 +1,20 @@
 """What QAT costs over FP32: training step and validation batch, measured side by side.
 
     python bench/step_overhead.py [--device cpu|cuda] [--models resnet20,resnet18,vit] [--threads N]
-                                  [--repeats 7] [--train-steps 3] [--val-batches 10] [--amp bf16]
-                                  [--channels-last] [--compile [--compile-mode MODE]] [--clock wall|cpu]
-                                  [--json PATH]
+                                  [--repeats 30] [--train-steps 1] [--val-batches 10] [--control]
+                                  [--amp bf16] [--channels-last] [--compile [--compile-mode MODE]]
+                                  [--clock wall|cpu] [--json PATH]
 
 For each model an FP32 network and a copy with CoDeQ dead-zone quantizers (learnable bit-width
 and dead zone starting at 4 bits, norm layers FP32) run the project's own ``train`` and
-``validate`` on the same random batches held on the device. Repeats interleave the two
-(alternating which goes first, each after one untimed step of its own) so drifting machine load
-hits both; each repeat gives a paired ratio QAT/FP32 and the table shows the median ratio with
-its range. A validation pass of ``--val-batches`` batches is timed per
-batch (the quantized weights are computed once per pass). The last line printed is the worst
-median ratio.
+``validate`` on the same random batches held on the device. Each repeat times every variant once
+(``--train-steps`` training steps, then a validation pass of ``--val-batches`` batches, which
+computes the quantized weights once), in a new seeded random order, so slow drifts and whatever
+the previous variant left in caches hit all of them alike. Each repeat gives a paired ratio
+QAT/FP32; the table shows the median ratio with a bootstrap 95 % confidence interval. Many short
+repeats beat few long ones here: single steps on a shared machine scatter by +-10 %.
+``--control`` adds a second, identical FP32 network, whose ratio to the first shows what the
+noise alone makes of two equal costs. The last line printed is the worst median ratio.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import copy
 import os
 import platform
+import random
 import statistics
 import sys
 from dataclasses import dataclass
@@ -72,9 +75,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", default="resnet20,resnet18", help=f"comma-separated from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--train-steps", type=int, default=3, help="training steps per timed repeat")
-    parser.add_argument("--val-batches", type=int, default=10, help="batches per timed validation pass")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--train-steps", type=int, default=1, help="training steps per variant and repeat")
+    parser.add_argument("--val-batches", type=int, default=10, help="batches per validation pass")
+    parser.add_argument("--control", action="store_true", help="time an identical FP32 copy too (the noise floor)")
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (config key amp)")
     parser.add_argument("--channels-last", action="store_true", help="config key channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (config key use_compile)")
@@ -150,47 +154,54 @@ class QuantizerPass:
             module.weight
 
 
+def median_with_interval(values: list[float], seed: int, resamples: int = 2000) -> tuple[float, float, float]:
+    """(median, low, high): the median and its bootstrap 95 % confidence interval."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return statistics.median(values), medians[int(0.025 * resamples)], medians[int(0.975 * resamples)]
+
+
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     spec = MODELS[name]
     torch.manual_seed(0)
     fp32_model = spec.build().to(device)
-    qat_model = copy.deepcopy(fp32_model)
-    attach_weight_quantizers(qat_model, spec.exclude, DeadZoneLDZCompander, QAT_KWARGS)
+    models = {"fp32": fp32_model, "qat": copy.deepcopy(fp32_model)}
+    if args.control:
+        models["fp32_copy"] = copy.deepcopy(fp32_model)
+    attach_weight_quantizers(models["qat"], spec.exclude, DeadZoneLDZCompander, QAT_KWARGS)
     settings = StepSettings(device, args.amp, args.channels_last)
-    variants = {key: Variant(model, settings, args.compile, args.compile_mode)
-                for key, model in (("fp32", fp32_model), ("qat", qat_model))}
+    variants = {key: Variant(model, settings, args.compile, args.compile_mode) for key, model in models.items()}
     train_batches = random_batches(args.train_steps, spec, device)
     val_batches = random_batches(args.val_batches, spec, device)
     for variant in variants.values():  # kernels, allocator and compilation warm up
         variant.train(train_batches[:1])
         variant.validate(val_batches[:2])
-    quantizers = QuantizerPass(qat_model)
+    quantizers = QuantizerPass(models["qat"])
     quantizers.train()
-    times = {phase: {key: [] for key in (*variants, "quantizers")} for phase in ("train", "val")}
-    for repeat in range(args.repeats):
-        order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
-        for key in order:
-            # An untimed step first: a real run trains one model back to back, and switching models
-            # leaves caches and the allocator's free lists shaped by the other one.
-            variants[key].train(train_batches[:1])
-            times["train"][key].append(
-                timed(device, lambda: variants[key].train(train_batches), args.clock) / args.train_steps)
-        for key in order:
-            variants[key].validate(val_batches[:1])
-            times["val"][key].append(
-                timed(device, lambda: variants[key].validate(val_batches), args.clock) / args.val_batches)
+    phases = {"train": (lambda key: variants[key].train(train_batches), args.train_steps),
+              "val": (lambda key: variants[key].validate(val_batches), args.val_batches)}
+    times = {phase: {key: [] for key in (*variants, "quantizers")} for phase in phases}
+    order = list(variants)
+    rng = random.Random(0)
+    for _ in range(args.repeats):
+        rng.shuffle(order)
+        for phase, (run, units) in phases.items():
+            for key in order:
+                times[phase][key].append(timed(device, lambda: run(key), args.clock) / units)
         times["train"]["quantizers"].append(timed(device, quantizers.train, args.clock))
         times["val"]["quantizers"].append(timed(device, quantizers.validate, args.clock) / args.val_batches)
     result = {"batch_size": spec.batch_size, "img_size": spec.img_size,
-              "quantized_weights": sum(p.numel() for n, p in qat_model.named_parameters() if n.endswith("original"))}
+              "quantized_weights": sum(p.numel() for n, p in models["qat"].named_parameters() if n.endswith("original"))}
     for phase, by_variant in times.items():
-        ratios = [q / f for q, f in zip(by_variant["qat"], by_variant["fp32"])]
-        shares = [q / f for q, f in zip(by_variant["quantizers"], by_variant["fp32"])]
-        result[phase] = {"fp32_s": by_variant["fp32"], "qat_s": by_variant["qat"], "ratios": ratios,
-                         "quantizers_s": by_variant["quantizers"],
-                         "fp32_median_s": statistics.median(by_variant["fp32"]),
-                         "qat_median_s": statistics.median(by_variant["qat"]),
-                         "ratio": statistics.median(ratios), "quantizer_share": statistics.median(shares)}
+        fp32 = by_variant["fp32"]
+        entry = result[phase] = {f"{key}_s": values for key, values in by_variant.items()}
+        entry |= {f"{key}_median_s": statistics.median(values) for key, values in by_variant.items()}
+        for key in ("qat", "fp32_copy") if args.control else ("qat",):
+            ratios = [other / base for other, base in zip(by_variant[key], fp32)]
+            entry[f"{key}_ratios"] = ratios
+            entry[f"{key}_ratio"], entry[f"{key}_ratio_low"], entry[f"{key}_ratio_high"] = \
+                median_with_interval(ratios, seed=len(ratios))
+        entry["quantizer_share"] = statistics.median(q / f for q, f in zip(by_variant["quantizers"], fp32))
     return result
 
 
@@ -224,17 +235,21 @@ def main() -> int:
     print(f"{report['machine']['cpu']} | {args.threads} threads | device {device} | torch {torch.__version__} | "
           f"amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} "
           f"{args.compile_mode or ''}| {args.clock} clock{load}")
-    print(f"{'model':<9} {'batch':>5} {'phase':<5} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} {'range':>13} "
-          f"{'quantizers alone':>16}")
+    control = " | FP32 copy/FP32 (noise)" if args.control else ""
+    print(f"{'model':<9} {'batch':>5} {'phase':<5} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} {'95% CI':>13} "
+          f"{'quantizers alone':>16}{control}")
     worst = (0.0, "")
     for name, result in report["models"].items():
         for phase in ("train", "val"):
             entry = result[phase]
-            low, high = min(entry["ratios"]), max(entry["ratios"])
-            print(f"{name:<9} {result['batch_size']:>5} {phase:<5} {entry['fp32_median_s'] * 1e3:>9.1f} "
-                  f"{entry['qat_median_s'] * 1e3:>9.1f} {entry['ratio']:>8.3f} {low:>6.3f}-{high:.3f} "
-                  f"{entry['quantizer_share']:>15.1%}")
-            worst = max(worst, (entry["ratio"], f"{name} {phase}"))
+            line = (f"{name:<9} {result['batch_size']:>5} {phase:<5} {entry['fp32_median_s'] * 1e3:>9.1f} "
+                    f"{entry['qat_median_s'] * 1e3:>9.1f} {entry['qat_ratio']:>8.3f} "
+                    f"{entry['qat_ratio_low']:>6.3f}-{entry['qat_ratio_high']:.3f} {entry['quantizer_share']:>15.1%}")
+            if args.control:
+                line += (f" | {entry['fp32_copy_ratio']:.3f} "
+                         f"({entry['fp32_copy_ratio_low']:.3f}-{entry['fp32_copy_ratio_high']:.3f})")
+            print(line)
+            worst = max(worst, (entry["qat_ratio"], f"{name} {phase}"))
     print(f"results: {path}")
     print(f"worst QAT/FP32 ratio: {worst[0]:.3f} ({worst[1]})")
     return 0
