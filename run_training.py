@@ -35,7 +35,7 @@ from src.data import DATASET_REGISTRY, DatasetPair, build_loaders
 from src.device_data import device_loaders
 from src.experiment import (LossTerm, build_loss_terms, build_model, build_optimizer, build_scheduler,
                             resolve_device, run_name, seed_everything)
-from src.performance import StepSettings
+from src.performance import StepSettings, keep_freed_memory
 from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
 from src.report import write_run_report
 from src.tracking import RunTracker, rewind_metrics
@@ -434,6 +434,7 @@ def run(args: argparse.Namespace, log_handler: logging.Handler) -> int:
         if args.dry_run:
             print(describe(setup))
             return EXIT_OK
+        keep_freed_memory()
         try:
             train_and_evaluate(config, device, args.resume, stop, setup, start)
         except Preempted:

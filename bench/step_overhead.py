@@ -37,7 +37,7 @@ from common import CLOCKS, load_average, write_results  # noqa: E402
 
 from src.experiment import fused_option  # noqa: E402
 from src.models import create_model  # noqa: E402
-from src.performance import StepSettings  # noqa: E402
+from src.performance import StepSettings, keep_freed_memory  # noqa: E402
 from src.quantizer import DeadZoneLDZCompander  # noqa: E402
 from src.train import train, validate  # noqa: E402
 from src.utils_quantization import attach_weight_quantizers, quantized_layers  # noqa: E402
@@ -224,6 +224,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     report = {"machine": machine(device, args.threads), "args": vars(args), "load_before": load_average(),
+              "keeps_freed_memory": keep_freed_memory(),  # as run_training does
               "models": {}}
     for name in args.models.split(","):
         report["models"][name] = measure(name, args, device)

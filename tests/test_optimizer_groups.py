@@ -72,17 +72,15 @@ def test_optimizer_is_fused_on_cpu_and_steps_like_the_per_parameter_loop(tmp_pat
     looped = type(optimizer)([{**{k: v for k, v in group.items() if k not in ("params", "fused")},
                                "params": [looped_params[name_of[id(p)]] for p in group["params"]]}
                               for group in optimizer.param_groups], foreach=False)
-    inputs = torch.randn(4, 3, 32, 32)
-    for _ in range(2):
-        for net, opt in ((model, optimizer), (looped_model, looped)):
-            opt.zero_grad()
-            net(inputs).square().mean().backward()
-            opt.step()
+    # One step: after it the two differ by rounding, and a second step's quantized forward would amplify that
+    # wherever a latent weight sits on a rounding boundary.
+    inputs = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for net, opt in ((model, optimizer), (looped_model, looped)):
+        net(inputs).square().mean().backward()
+        opt.step()
     before = dict(initial.named_parameters())
     for name, fused in model.named_parameters():
-        # The fused kernels order Adam's arithmetic differently: a few elements differ by ~5e-6 after two steps
-        # of size ~0.05.
-        torch.testing.assert_close(fused, looped_params[name], rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(fused, looped_params[name], rtol=1e-6, atol=1e-7)
         assert torch.equal(fused, before[name]) != fused.requires_grad, name  # every trainable one moved
 
 
