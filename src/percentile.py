@@ -76,8 +76,8 @@ def robust_absmax(weight: Tensor, q: float = 0.99) -> Tensor:
     result_dtype = weight.dtype
     # torch.quantile's own dtypes are float32 and float64; half precision is computed in float32.
     values = weight if result_dtype in (torch.float32, torch.float64) else weight.detach().float()
-    lower, upper, weight_frac = quantile_ranks(values.numel(), q, values.dtype)
     if values.is_cpu and not torch.compiler.is_compiling():
+        lower, upper, weight_frac = cached_quantile_ranks(values.numel(), q, values.dtype)
         fused = torch_lerp_is_fused(values.dtype)
         floats, _ = percentile_by_selection(flat_array(values), lower, upper, weight_frac, bool(fused))
         # 0-dim numpy views make 0-dim tensors faster than indexing or unbinding a tensor does.
@@ -86,6 +86,7 @@ def robust_absmax(weight: Tensor, q: float = 0.99) -> Tensor:
         else:
             result = torch.from_numpy(floats[2, ...])
     else:  # detached: nothing records a graph (cheaper than no_grad)
+        lower, upper, weight_frac = quantile_ranks(values.numel(), q, values.dtype)
         result = torch.lerp(*order_statistics_by_topk(flat_view(values.detach()), lower, upper), weight_frac)
     return result if result.dtype == result_dtype else result.to(result_dtype)
 
@@ -110,6 +111,11 @@ def quantile_ranks(n: int, q: float, dtype: torch.dtype) -> tuple[int, int, floa
     rank = to_dtype(q, dtype) * (n - 1)  # at most n - 1 for q in [0, 1], and so are both ranks
     lower = math.floor(rank)
     return lower, math.ceil(rank), to_dtype(rank - lower, dtype)
+
+
+# A layer's ranks stay the same from step to step; on CPU looking them up saves ~0.7 us of the ~7 us a call on
+# 1,000 elements takes. (Traced code calls quantile_ranks itself: torch.compile folds it into constants.)
+cached_quantile_ranks = functools.lru_cache(maxsize=4096)(quantile_ranks)
 
 
 def to_dtype(value: float, dtype: torch.dtype) -> float:
