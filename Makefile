@@ -17,6 +17,11 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
+bench: $(STAMP)  # the CPU figures of docs/benchmarks.md, ~16 min on 2 cores; run it on an otherwise idle machine
+	$(PYTHON) bench/absmax.py --repeats 20
+	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 60 --control
+	$(PYTHON) bench/step_overhead.py --models resnet18,vit --repeats 20
+
 reference: $(STAMP)  # regenerate README.md's YAML reference from the schema
 	$(PYTHON) -m src.config --write README.md
 
