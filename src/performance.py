@@ -1,9 +1,12 @@
-"""How a training or validation step runs on its device: autocast precision and memory format.
+"""How a training or validation step runs on its device: autocast precision, memory format, compilation
+and the process's memory allocator.
 
 ``StepSettings`` carries the config keys ``amp`` and ``channels_last`` into ``train`` and
 ``validate``. Autocast covers the forward pass and the criterion only: the latent weights, the
 fake-quantizers (their percentile and rounding run in FP32 whatever the autocast dtype, since
 autocast leaves elementwise and selection ops alone), the loss terms and the optimizer stay FP32.
+``is_compiled`` tells ``train`` whether the model quantizes inside a compiled graph, and
+``keep_freed_memory`` is the allocator setting training runs make.
 """
 from __future__ import annotations
 
