@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import CLOCKS, load_average, write_results  # noqa: E402
+from common import CLOCKS, load_average, timed, write_results  # noqa: E402
 
 from src.percentile import quantile_ranks, robust_absmax  # noqa: E402
 
@@ -38,12 +38,6 @@ def kthvalue_percentile(weight: torch.Tensor) -> torch.Tensor:
     magnitudes = weight.abs().flatten()
     lower, upper, frac = quantile_ranks(magnitudes.numel(), 0.99, magnitudes.dtype)
     return torch.lerp(magnitudes.kthvalue(lower + 1).values, magnitudes.kthvalue(upper + 1).values, frac)
-
-
-def timed(method, now) -> float:
-    start = now()
-    method()
-    return now() - start
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,7 +54,6 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    now = CLOCKS[args.clock]
     results = {}
     for size in (int(float(text)) for text in args.sizes.split(",")):
         weight = torch.randn(size, generator=torch.Generator().manual_seed(size))
@@ -74,10 +67,10 @@ def main() -> int:
         for _ in range(repeats):
             shuffle(order)
             for name, method in order:
-                times[name].append(timed(method, now))
+                times[name].append(timed(method, args.clock))
         if size <= args.reference_up_to:
             # Timed on its own: between the compared calls its sort-sized traffic would evict their data and code.
-            times["kthvalue"] = [timed(lambda: kthvalue_percentile(weight), now) for _ in range(args.repeats)]
+            times["kthvalue"] = [timed(lambda: kthvalue_percentile(weight), args.clock) for _ in range(args.repeats)]
         medians = {name: statistics.median(values) for name, values in times.items()}
         results[size] = {"median_s": medians, "vs_max": medians["robust_absmax"] / medians["max"],
                          "vs_abs_max": medians["robust_absmax"] / medians["abs_max"], "repeats": repeats}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import platform
 import random
@@ -33,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import CLOCKS, load_average, write_results  # noqa: E402
+from common import CLOCKS, load_average, timed, write_results  # noqa: E402
 
 from src.experiment import fused_option  # noqa: E402
 from src.models import create_model  # noqa: E402
@@ -93,17 +94,6 @@ def parse_args() -> argparse.Namespace:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed(device: torch.device, run, clock: str) -> float:
-    """Seconds ``run`` takes: wall clock, or CPU time of this process (all its threads), which a
-    busy shared machine inflates less."""
-    now = CLOCKS[clock]
-    synchronize(device)
-    start = now()
-    run()
-    synchronize(device)
-    return now() - start
 
 
 class Variant:
@@ -183,13 +173,14 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     times = {phase: {key: [] for key in (*variants, "quantizers")} for phase in phases}
     order = list(variants)
     rng = random.Random(0)
+    sync = functools.partial(synchronize, device)
     for _ in range(args.repeats):
         rng.shuffle(order)
         for phase, (run, units) in phases.items():
             for key in order:
-                times[phase][key].append(timed(device, lambda: run(key), args.clock) / units)
-        times["train"]["quantizers"].append(timed(device, quantizers.train, args.clock))
-        times["val"]["quantizers"].append(timed(device, quantizers.validate, args.clock) / args.val_batches)
+                times[phase][key].append(timed(lambda: run(key), args.clock, sync) / units)
+        times["train"]["quantizers"].append(timed(quantizers.train, args.clock, sync))
+        times["val"]["quantizers"].append(timed(quantizers.validate, args.clock, sync) / args.val_batches)
     result = {"batch_size": spec.batch_size, "img_size": spec.img_size,
               "quantized_weights": sum(p.numel() for n, p in models["qat"].named_parameters() if n.endswith("original"))}
     for phase, by_variant in times.items():
