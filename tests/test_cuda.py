@@ -12,7 +12,7 @@ import torch
 
 from conftest import quick_config, write_config
 from test_fast_quantizer import SETTINGS, fused_forward, reference_forward, run, weights
-from src.percentile import robust_absmax
+from src.percentile import robust_absmax, robust_absmaxes
 from src.quantizer import DeadZoneLDZCompander
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -32,6 +32,20 @@ def test_gpu_percentile_propagates_nan_and_handles_ties():
     assert math.isnan(robust_absmax(weight.to(CUDA)))
     ties = torch.tensor([0.5, -0.5] * 2000 + [3.0] * 10)
     assert torch.equal(robust_absmax(ties.to(CUDA)).cpu(), torch.quantile(ties.abs(), 0.99))
+
+
+def test_gpu_percentiles_selected_together_are_the_cpu_percentiles():
+    sizes = [432] + [2304] * 6 + [4608] + [9216] * 5 + [18432] + [36864] * 5 + [640] + [9216, 36864, 2**21 + 3]
+    generator = torch.Generator().manual_seed(20)
+    weights = [torch.randn(size, generator=generator) for size in sizes]
+    weights[3][5] = math.nan
+    weights.append(torch.randn(64, 32, 3, 3, generator=generator).to(memory_format=torch.channels_last))
+    weights.append(torch.randn(1000, generator=generator).to(torch.bfloat16))
+    together = robust_absmaxes([weight.to(CUDA) for weight in weights])
+    for result, weight in zip(together, weights, strict=True):
+        assert result.device.type == "cuda" and result.dtype == weight.dtype
+        expected = robust_absmax(weight)
+        assert math.isnan(result) if math.isnan(expected) else torch.equal(result.cpu(), expected)
 
 
 @pytest.mark.parametrize("kind", ["conv", "conv_channels_last", "linear", "exact_zeros", "large"])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from src import percentile
-from src.percentile import order_statistics_by_topk, quantile_ranks, robust_absmax
+from src.percentile import (PADDING_LIMIT, order_statistics_by_topk, padded_topk_absmaxes, quantile_ranks,
+                            robust_absmax, robust_absmaxes, similar_sizes)
 
 
 def quantile(weight: torch.Tensor, q: float = 0.99) -> torch.Tensor:
@@ -122,6 +123,58 @@ def test_topk_path_matches_torch_quantile():
         lower, upper, frac = quantile_ranks(n, q, torch.float32)
         low, high = order_statistics_by_topk(w, lower, upper)
         assert_identical(torch.lerp(low, high, frac), quantile(w, q))
+
+
+def test_padded_topk_matches_torch_quantile():
+    """The batched method GPUs use (one topk over a padded matrix, one tensor a row), run on CPU."""
+    rng = random.Random(5)
+    for _ in range(100):
+        q = rng.choice([0.99, 0.5, 1.0, 0.0, rng.random()])
+        dtype = rng.choice([torch.float32, torch.float64])
+        tensors = [random_tensor(rng, rng.randrange(1, 5_000), dtype) for _ in range(rng.randrange(2, 7))]
+        for result, tensor in zip(padded_topk_absmaxes(tensors, q), tensors, strict=True):
+            assert_identical(result, quantile(tensor, q))
+
+
+def test_padded_topk_rows_keep_their_own_nan_infinities_and_dtype():
+    rows = [ADVERSARIAL["infinities"], torch.tensor([1.0, math.nan, 3.0]), ADVERSARIAL["signed zeros"][:7],
+            ADVERSARIAL["denormals and zeros"], torch.tensor([-2.0])]
+    for result, row in zip(padded_topk_absmaxes(rows, 0.99), rows, strict=True):
+        assert_identical(result, quantile(row))
+    halves = [torch.randn(300).to(torch.bfloat16), torch.randn(1000).to(torch.bfloat16)]
+    for result, half in zip(padded_topk_absmaxes(halves, 0.99), halves, strict=True):
+        assert result.dtype == torch.bfloat16 and result == quantile(half.float()).to(torch.bfloat16)
+
+
+def test_similar_sizes_pads_a_group_to_at_most_twice_its_elements():
+    rng = random.Random(6)
+    resnet20 = [432] + [2304] * 6 + [4608] + [9216] * 5 + [18432] + [36864] * 5 + [640] + [9216, 36864]
+    for sizes in [resnet20, [7], [5, 5, 5], [10**6, 1, 1, 1]] + [[rng.randrange(1, 10**5) for _ in range(30)]
+                                                                  for _ in range(20)]:
+        groups = similar_sizes(range(len(sizes)), sizes)
+        assert sorted(item for group in groups for item in group) == list(range(len(sizes)))
+        for group in groups:
+            group_sizes = [sizes[item] for item in group]
+            assert group_sizes == sorted(group_sizes, reverse=True)
+            assert len(group) * group_sizes[0] <= PADDING_LIMIT * sum(group_sizes)
+    assert len(similar_sizes(range(len(resnet20)), resnet20)) == 2
+
+
+def test_robust_absmaxes_groups_by_dtype_and_size_with_the_same_results(monkeypatch):
+    """Off the CPU robust_absmaxes groups tensors by device, dtype and size; here CPU tensors are sent that way."""
+    monkeypatch.setattr(percentile, "selects_alone", lambda weight: False)
+    torch.manual_seed(7)
+    tensors = [torch.randn(n, dtype=dtype) for n, dtype in [(36_864, torch.float32), (432, torch.float64),
+                                                            (9_216, torch.float32), (5, torch.float32),
+                                                            (36_864, torch.float64), (3, torch.float16)]]
+    tensors.append(torch.randn(64, 32, 3, 3).to(memory_format=torch.channels_last))
+    results = robust_absmaxes(tensors)
+    assert len(results) == len(tensors)
+    for result, tensor in zip(results, tensors, strict=True):
+        assert result.dtype == tensor.dtype
+        assert torch.equal(result, robust_absmax(tensor)), tensor.shape
+    with pytest.raises(ValueError, match="empty"):
+        robust_absmaxes([torch.randn(4), torch.zeros(0)])
 
 
 ADVERSARIAL = {
