@@ -251,6 +251,8 @@ class DeadZoneLDZCompander(nn.Module):
 
     min_bits = 2
     bits_kwarg = "fixed_bit_val"
+    # forward takes the weight's robust_absmax as a second argument (see weights_quantized_once).
+    takes_robust_absmax = True
 
     def __init__(
         self,
@@ -292,8 +294,11 @@ class DeadZoneLDZCompander(nn.Module):
         bits, deadzone, step = self.step_params(robust_absmax(weight))
         return bits, step, dead_zone_offset(deadzone, step)
 
-    def forward(self, weight: Tensor) -> Tensor:
-        return DeadZoneQuantize.apply(weight, robust_absmax(weight), self.logit_dz, self.logit_bit, self)
+    def forward(self, weight: Tensor, absmax: Tensor | None = None) -> Tensor:
+        """``weight`` fake-quantized; ``absmax`` is its robust_absmax where the caller has it already
+        (``weights_quantized_once`` selects every layer's together)."""
+        absmax = robust_absmax(weight) if absmax is None else absmax
+        return DeadZoneQuantize.apply(weight, absmax, self.logit_dz, self.logit_bit, self)
 
     @torch.no_grad()
     def stats(self, weight: Tensor) -> dict[str, float]:

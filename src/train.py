@@ -1,7 +1,6 @@
 """One epoch of training and one pass of validation."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import sys
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 
 from src.distributed import all_reduce_sum, is_main_process, sync_buffers
 from src.performance import StepSettings, is_compiled
-from src.utils_quantization import weights_quantized_once
+from src.utils_quantization import percentiles_selected_together, weights_quantized_once
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +136,10 @@ def train(
     losses = torch.zeros(len(train_loader), device=device)
     progress = Progress(train_loader, state.step + len(train_loader), f"epoch {epoch} train", log_interval)
     step = state.step
-    # A compiled model quantizes inside its graph, fused with the rest of the step; an eager one all at once.
-    quantization = contextlib.nullcontext if is_compiled(model) else functools.partial(weights_quantized_once, model)
+    # A compiled model quantizes inside its graph, fused with the rest of the step, from percentiles selected for
+    # all layers at once before it; an eager one quantizes all its weights at once.
+    quantization = functools.partial(percentiles_selected_together if is_compiled(model) else weights_quantized_once,
+                                     model)
     for step, (inputs, targets) in enumerate(progress, start=first_step):
         inputs = step_settings.inputs(inputs)
         targets = targets.to(device, non_blocking=True)

@@ -14,6 +14,8 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from src.percentile import robust_absmaxes
+
 log = logging.getLogger(__name__)
 
 
@@ -24,9 +26,13 @@ class FakeQuantParametrization(nn.Module):
         super().__init__()
         self.quantizer = quantizer
         self.enabled = enabled
+        # The weight's robust_absmax, when weights_quantized_once has selected it with the other layers'.
+        self.absmax: Tensor | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
-        return self.quantizer(weight) if self.enabled else weight
+        if not self.enabled:
+            return weight
+        return self.quantizer(weight) if self.absmax is None else self.quantizer(weight, self.absmax)
 
 
 def owns_weight(module: nn.Module) -> bool:
@@ -100,15 +106,38 @@ def toggle_quantization(model: nn.Module, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
+def percentiles_selected_together(model: nn.Module) -> Iterator[None]:
+    """Inside the block, each quantizer that takes a robust absmax gets its weight's from one
+    ``robust_absmaxes`` call for the whole model, made on entry: one ``topk`` for many layers on a GPU
+    instead of one each, also for a compiled model, whose graph then reads them as inputs.
+
+    Only where the quantizer sees the latent weight itself (no other parametrization before it).
+    """
+    given = [(module, parametrization) for _, module, parametrization in quantized_layers(model)
+             if parametrization.enabled and getattr(parametrization.quantizer, "takes_robust_absmax", False)
+             and len(module.parametrizations.weight) == 1]
+    try:
+        absmaxes = robust_absmaxes([latent_weight(module) for module, _ in given])
+        for (_, parametrization), absmax in zip(given, absmaxes, strict=True):
+            parametrization.absmax = absmax
+        yield
+    finally:
+        for _, parametrization in given:
+            parametrization.absmax = None
+
+
+@contextlib.contextmanager
 def weights_quantized_once(model: nn.Module) -> Iterator[None]:
     """Computes every fake-quantized weight of ``model`` up front and serves ``module.weight`` from
     ``parametrize.cached()`` inside the block: once per training step, or once per validation pass.
 
     Up front rather than at each layer's turn, so that the layers' own kernels run back to back: on
     a 2-core CPU, ResNet-20's training forward took ~5 ms more with its quantizers interleaved with
-    the convolutions than with the same quantizers run first (docs/benchmarks.md).
+    the convolutions than with the same quantizers run first (docs/benchmarks.md). Their robust
+    absmaxes are selected together (``percentiles_selected_together``).
     """
     with parametrize.cached():
-        for _, module, _ in quantized_layers(model):
-            module.weight  # noqa: B018 (the access fills the cache)
+        with percentiles_selected_together(model):
+            for _, module, _ in quantized_layers(model):
+                module.weight  # noqa: B018 (the access fills the cache)
         yield

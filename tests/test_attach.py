@@ -6,10 +6,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from src import percentile
 from src.models import create_model
 from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
-from src.utils_quantization import (attach_weight_quantizers, latent_weight, quantized_layers, quantizer_of,
-                                     toggle_quantization, weights_quantized_once)
+from src import utils_quantization
+from src.utils_quantization import (FakeQuantParametrization, attach_weight_quantizers, latent_weight,
+                                     quantized_layers, quantizer_of, toggle_quantization, weights_quantized_once)
 
 
 def weight_owners(model: nn.Module) -> list[str]:
@@ -67,7 +69,10 @@ def test_forward_and_backward_through_quantized_model():
         assert param.grad is not None, name
 
 
-def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients():
+@pytest.mark.parametrize("grouped", [False, True], ids=["cpu", "grouped-percentiles"])
+def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients(grouped, monkeypatch):
+    if grouped:  # the percentiles selected together, as on a GPU
+        monkeypatch.setattr(percentile, "selects_alone", lambda weight: False)
     torch.manual_seed(0)
     model = create_model("resnet20", 10, 16)
     attach_weight_quantizers(model, ["bn"], DeadZoneLDZCompander, {"init_bit_logit": 0.35})
@@ -83,6 +88,7 @@ def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients
             loss = model(inputs).square().sum()
             model.conv1.weight  # a second access inside the block is served from the cache
         loss.backward()
+        assert all(parametrization.absmax is None for _, _, parametrization in quantized_layers(model))
         gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
         layers = len(list(quantized_layers(model)))  # 19 convolutions and fc
         assert len(calls) == (layers if once else layers + 1) and len(set(map(id, calls))) == layers == 20
@@ -91,6 +97,27 @@ def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients
     for name, grad in per_access.items():
         assert torch.equal(up_front[name], grad), name
     assert torch.count_nonzero(up_front["conv1.parametrizations.weight.0.quantizer.logit_dz"])
+
+
+def test_weights_quantized_once_gives_the_percentile_only_to_quantizers_that_take_it(monkeypatch):
+    model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10), nn.Linear(10, 5))
+    attach_weight_quantizers(model, ["1", "2"], DeadZoneLDZCompander, {})
+    # Another parametrization ahead of the quantizer: it sees that one's output, not the latent weight.
+    parametrize.register_parametrization(model[1], "weight", nn.Identity())
+    parametrize.register_parametrization(model[1], "weight", FakeQuantParametrization(DeadZoneLDZCompander()))
+    attach_weight_quantizers(model, [], UniformSymmetric, {"bitwidth": 4})  # only the last layer is left
+    assert [type(quantizer_of(layer)) for layer in model] == [DeadZoneLDZCompander] * 2 + [UniformSymmetric]
+    selected = []
+    real = percentile.robust_absmaxes
+    monkeypatch.setattr(utils_quantization, "robust_absmaxes", lambda weights: selected.extend(weights) or real(weights))
+    expected = [layer.weight.detach().clone() for layer in model]
+    with weights_quantized_once(model):
+        assert all(torch.equal(layer.weight, weight) for layer, weight in zip(model, expected, strict=True))
+    assert [weight.shape for weight in selected] == [(20, 30)]
+    toggle_quantization(model, False)
+    with weights_quantized_once(model):
+        assert torch.equal(model[0].weight, latent_weight(model[0]))
+    assert len(selected) == 1  # a disabled quantizer asks for no percentile
 
 
 def test_vit_attachment_and_exclusion():

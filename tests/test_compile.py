@@ -1,11 +1,13 @@
-"""use_compile with parametrized quantizers: torch.compile traces the fused quantizer and the
-percentile's topk path; the compiled model trains to the same weights as the eager one."""
+"""use_compile with parametrized quantizers: torch.compile traces the fused quantizer, which reads
+percentiles selected before the graph runs; the compiled model trains to the same weights as the
+eager one."""
 import pytest
 import torch
 
+from src import utils_quantization
 from src.quantizer import DeadZoneLDZCompander
 from src.train import train, validate
-from src.utils_quantization import attach_weight_quantizers
+from src.utils_quantization import attach_weight_quantizers, percentiles_selected_together
 
 
 def quantized_mlp() -> torch.nn.Module:
@@ -16,7 +18,10 @@ def quantized_mlp() -> torch.nn.Module:
     return model
 
 
-def test_compiled_quantized_model_trains_like_eager():
+def test_compiled_quantized_model_trains_like_eager(monkeypatch):
+    selections = []
+    monkeypatch.setattr(utils_quantization, "robust_absmaxes",
+                        lambda weights, real=utils_quantization.robust_absmaxes: selections.append(1) or real(weights))
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 6, generator=generator), torch.randint(0, 3, (4,), generator=generator))
                for _ in range(2)]
@@ -28,6 +33,8 @@ def test_compiled_quantized_model_trains_like_eager():
         metrics = train(batches, forward_model, torch.nn.CrossEntropyLoss(), optimizer, 1, "cpu")
         metrics |= {f"val_{k}": v for k, v in validate(batches, forward_model, torch.nn.CrossEntropyLoss(), "cpu").items()}
         results.append((metrics, [p.detach().clone() for p in model.parameters()]))
+        assert len(selections) == 3, compiled  # every layer's percentile at once, each step and pass
+        selections.clear()
     (eager_metrics, eager_params), (compiled_metrics, compiled_params) = results
     assert compiled_metrics == pytest.approx(eager_metrics, rel=1e-5)
     initial = dict(quantized_mlp().named_parameters())
@@ -36,3 +43,30 @@ def test_compiled_quantized_model_trains_like_eager():
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
         if "logit" in name or "original" in name:  # the quantizer passed gradients to all three
             assert not torch.equal(compiled, initial[name].detach())
+
+
+def test_compiled_graph_reads_each_steps_percentiles_instead_of_selecting_them():
+    """No topk in the graph, one graph for every step, and each step quantizes with the current weights'
+    percentiles: a graph that had kept the first step's as constants would drift from eager as the weights grow."""
+    model = quantized_mlp()
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(model, backend=keep_graph)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    inputs, targets = torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2] * 2 + [0, 1])
+    first_weight = model[0].parametrizations.weight.original.detach().clone()
+    for _ in range(4):
+        with percentiles_selected_together(model):
+            logits = compiled(inputs)
+        torch.testing.assert_close(logits, model(inputs), rtol=1e-6, atol=1e-6)
+        optimizer.zero_grad()
+        (torch.nn.functional.cross_entropy(logits, targets) * 50).backward()
+        optimizer.step()
+    assert model[0].parametrizations.weight.original.abs().max() > 10 * first_weight.abs().max()
+    assert len(graphs) == 1 and "topk" not in graphs[0].code
+    inputs = [node.name for node in graphs[0].graph.nodes if node.op == "placeholder"]
+    assert sum(name.endswith("absmax") for name in inputs) == 2, inputs
