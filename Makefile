@@ -3,7 +3,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench reference clean
+.PHONY: quickstart test bench bench-gpu reference clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -17,10 +17,21 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
-bench: $(STAMP)  # the CPU figures of docs/benchmarks.md, ~16 min on 2 cores; run it on an otherwise idle machine
+bench: $(STAMP)  # the CPU figures of docs/benchmarks.md, ~20 min on 2 cores; run it on an otherwise idle machine
 	$(PYTHON) bench/absmax.py --repeats 20
-	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 60 --control
-	$(PYTHON) bench/step_overhead.py --models resnet18,vit --repeats 20
+	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 60 --control --json runs/bench/resnet20.json
+	$(PYTHON) bench/step_overhead.py --models resnet18,vit --repeats 20 --json runs/bench/resnet18_vit.json
+	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 30 --compile --json runs/bench/resnet20_compiled.json
+
+# The GPU checks and figures of docs/benchmarks.md, on one CUDA device: its tests, then the percentile and the
+# compiled bf16 channels-last ResNet-20 step (the 1.15 target), with torch.compile's default mode and with CUDA graphs.
+GPU_STEPS := bench/step_overhead.py --device cuda --models resnet20 --repeats 30 --train-steps 20 --val-batches 20 \
+	--amp bf16 --channels-last --compile
+bench-gpu: $(STAMP)
+	$(PYTHON) -m pytest -q tests/test_cuda.py tests/test_device_data.py
+	$(PYTHON) bench/absmax.py --device cuda --repeats 20 --json runs/bench/absmax_cuda.json
+	$(PYTHON) $(GPU_STEPS) --json runs/bench/resnet20_cuda.json
+	$(PYTHON) $(GPU_STEPS) --compile-mode reduce-overhead --json runs/bench/resnet20_cuda_graphs.json
 
 reference: $(STAMP)  # regenerate README.md's YAML reference from the schema
 	$(PYTHON) -m src.config --write README.md

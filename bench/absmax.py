@@ -1,7 +1,7 @@
-"""The quantizers' robust absmax (exact 99th percentile of |w|) against a plain max, per call.
+"""The quantizers' robust absmax (exact 99th percentile of |w|) against a plain max, per call and per model.
 
-    python bench/absmax.py [--sizes 1e3,1e4,...] [--threads N] [--repeats 15] [--clock wall|cpu]
-                           [--reference-up-to 3e6] [--json PATH]
+    python bench/absmax.py [--device cpu|cuda] [--sizes 1e3,1e4,...] [--models resnet20,resnet18]
+                           [--threads N] [--repeats 15] [--clock wall|cpu] [--reference-up-to 3e6] [--json PATH]
 
 For each size a random normal tensor is reduced by ``robust_absmax`` and, interleaved with it,
 by the two plain ranges it replaces: ``w.max()`` (one reduction) and ``w.abs().max()`` (the
@@ -10,7 +10,13 @@ previous implementation (two full ``kthvalue`` selections) is timed too up to
 ``--reference-up-to`` elements, in a loop of its own: its sort-sized traffic evicts the caches,
 so between the compared calls it would time whichever one follows it on cold memory. Each repeat
 runs the compared methods in a new (seeded) random order, so each follows each other equally often.
-The last line is the worst ratio to ``w.max()``.
+
+For each of ``--models`` the same is timed over the latent weights of all its quantized layers,
+as a training step needs them: ``robust_absmaxes`` (all at once, as ``train`` selects them), one
+``robust_absmax`` per layer, and one ``max`` per layer. On a GPU the first is one ``topk`` per
+group of similar sizes instead of one per layer.
+
+The last line is the worst ratio to ``max``.
 """
 from __future__ import annotations
 
@@ -20,15 +26,16 @@ import os
 import random
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import CLOCKS, load_average, timed, write_results  # noqa: E402
+from common import CLOCKS, MODELS, latent_weights, load_average, synchronizer, timed, write_results  # noqa: E402
 
-from src.percentile import quantile_ranks, robust_absmax  # noqa: E402
+from src.percentile import quantile_ranks, robust_absmax, robust_absmaxes  # noqa: E402
 
 DEFAULT_SIZES = "1e3,1e4,36864,1e5,1e6,2359296,16777216,3.4e7"
 
@@ -42,7 +49,10 @@ def kthvalue_percentile(weight: torch.Tensor) -> torch.Tensor:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated element counts")
+    parser.add_argument("--models", default="resnet20,resnet18",
+                        help=f"comma-separated from {', '.join(MODELS)}, or none")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved calls per method (more for small sizes)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
@@ -51,34 +61,53 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int, seed: int, clock: str,
+                        sync: Callable[[], None] | None) -> dict[str, float]:
+    """Median seconds per call of each method, timed ``repeats`` times each in a new seeded random order per repeat
+    (after one untimed call each)."""
+    times = {name: [] for name in methods}
+    for method in methods.values():
+        method()
+    order, shuffle = list(methods.items()), random.Random(seed).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for name, method in order:
+            times[name].append(timed(method, clock, sync))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = synchronizer(device)
     results = {}
     for size in (int(float(text)) for text in args.sizes.split(",")):
-        weight = torch.randn(size, generator=torch.Generator().manual_seed(size))
+        weight = torch.randn(size, generator=torch.Generator().manual_seed(size)).to(device)
         methods = {"robust_absmax": lambda: robust_absmax(weight), "max": lambda: weight.max(),
                    "abs_max": lambda: weight.abs().max()}
         repeats = args.repeats * max(1, int(20 / math.log10(size)) if size < 1e5 else 1)
-        times = {name: [] for name in methods}
-        for method in methods.values():
-            method()
-        order, shuffle = list(methods.items()), random.Random(size).shuffle
-        for _ in range(repeats):
-            shuffle(order)
-            for name, method in order:
-                times[name].append(timed(method, args.clock))
+        medians = interleaved_medians(methods, repeats, size, args.clock, sync)
         if size <= args.reference_up_to:
             # Timed on its own: between the compared calls its sort-sized traffic would evict their data and code.
-            times["kthvalue"] = [timed(lambda: kthvalue_percentile(weight), args.clock) for _ in range(args.repeats)]
-        medians = {name: statistics.median(values) for name, values in times.items()}
+            medians["kthvalue"] = interleaved_medians({"kthvalue": lambda: kthvalue_percentile(weight)}, args.repeats,
+                                                      size, args.clock, sync)["kthvalue"]
         results[size] = {"median_s": medians, "vs_max": medians["robust_absmax"] / medians["max"],
                          "vs_abs_max": medians["robust_absmax"] / medians["abs_max"], "repeats": repeats}
+    models = {}
+    for name in (name for name in args.models.split(",") if name != "none"):
+        spec = MODELS[name]
+        weights = [weight.detach() for weight in latent_weights(spec.quantize(spec.build().to(device)))]
+        methods = {"together": lambda: robust_absmaxes(weights), "per_layer": lambda: [robust_absmax(w) for w in weights],
+                   "max": lambda: [w.max() for w in weights]}
+        medians = interleaved_medians(methods, args.repeats * 4, len(weights), args.clock, sync)
+        models[name] = {"layers": len(weights), "elements": sum(w.numel() for w in weights), "median_s": medians,
+                        "vs_max": medians["together"] / medians["max"]}
     load = load_average()
     path = write_results(args.json, {"args": vars(args), "load_after": load, "torch": torch.__version__,
-                                     "results": results})
+                                     "device": str(device), "results": results, "models": models})
 
-    print(f"{args.threads} threads | {args.clock} clock | torch {torch.__version__}"
+    print(f"device {device} | {args.threads} threads | {args.clock} clock | torch {torch.__version__}"
           + (f" | load average {load[0]:.1f}" if load else ""))
     print(f"{'elements':>11} {'robust ms':>10} {'max ms':>8} {'|w|.max ms':>10} {'kthvalue ms':>11} "
           f"{'/max':>6} {'/|w|.max':>8}")
@@ -87,9 +116,17 @@ def main() -> int:
         reference = f"{medians['kthvalue'] * 1e3:>11.3f}" if "kthvalue" in medians else f"{'-':>11}"
         print(f"{size:>11,} {medians['robust_absmax'] * 1e3:>10.3f} {medians['max'] * 1e3:>8.3f} "
               f"{medians['abs_max'] * 1e3:>10.3f} {reference} {result['vs_max']:>6.1f} {result['vs_abs_max']:>8.1f}")
-    worst = max(results.items(), key=lambda item: item[1]["vs_max"])
+    if models:
+        print(f"{'model':>11} {'layers':>6} {'together ms':>11} {'per layer ms':>12} {'max ms':>8} {'/max':>6}")
+    for name, result in models.items():
+        medians = result["median_s"]
+        print(f"{name:>11} {result['layers']:>6} {medians['together'] * 1e3:>11.3f} {medians['per_layer'] * 1e3:>12.3f} "
+              f"{medians['max'] * 1e3:>8.3f} {result['vs_max']:>6.1f}")
+    ratios = [(result["vs_max"], f"{size:,} elements") for size, result in results.items()]
+    ratios += [(result["vs_max"], f"{name}'s {result['layers']} layers") for name, result in models.items()]
+    worst = max(ratios)
     print(f"results: {path}")
-    print(f"worst robust_absmax / max ratio: {worst[1]['vs_max']:.1f} ({worst[0]:,} elements)")
+    print(f"worst robust_absmax / max ratio: {worst[0]:.1f} ({worst[1]})")
     return 0
 
 

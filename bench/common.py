@@ -1,12 +1,66 @@
-"""What both benchmarks share: their clocks, the machine's load and the JSON results file."""
+"""What both benchmarks share: the benchmarked models, their clocks, the machine's load and the JSON results file."""
 from __future__ import annotations
 
 import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
+
+from src.models import create_model
+from src.quantizer import DeadZoneLDZCompander
+from src.utils_quantization import attach_weight_quantizers, latent_weight, quantized_layers
+
+# round(tanh(0.35) * (8 - 2) + 2) = 4 bits to start from.
+QAT_KWARGS = {"fixed_bit_val": 4, "max_bits": 8, "init_bit_logit": 0.35, "learnable_bit": True,
+              "learnable_deadzone": True}
+
+
+@dataclass
+class BenchModel:
+    """A network, its input size and batch, and the layers left FP32 (norms)."""
+
+    build: Callable[[], nn.Module]
+    img_size: int
+    batch_size: int
+    exclude: tuple[str, ...]
+
+    def quantize(self, model: nn.Module) -> nn.Module:
+        """``model`` (one of ``build``'s) with a dead-zone quantizer on every layer but the excluded ones."""
+        attach_weight_quantizers(model, self.exclude, DeadZoneLDZCompander, QAT_KWARGS)
+        return model
+
+
+def torchvision_resnet18() -> nn.Module:
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=10)
+
+
+MODELS = {
+    "resnet20": BenchModel(lambda: create_model("resnet20", 10, 32), 32, 128, ("bn",)),
+    "resnet18": BenchModel(torchvision_resnet18, 224, 32, ("bn", "downsample.1")),
+    "vit": BenchModel(lambda: create_model("vit", 10, 224), 224, 32, ("norm",)),
+}
+
+
+def latent_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The latent weights of every quantized layer of ``model``."""
+    return [latent_weight(module) for _, module, _ in quantized_layers(model)]
+
+
+def synchronizer(device: torch.device) -> Callable[[], None] | None:
+    """What waits for ``device``'s queued work (for ``timed``); None where calls return when done (CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return None
 
 # wall: elapsed time; cpu: CPU time of this process (all its threads), which a busy shared machine inflates less.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

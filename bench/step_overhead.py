@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 import platform
 import random
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,41 +32,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import CLOCKS, load_average, timed, write_results  # noqa: E402
+from common import CLOCKS, MODELS, BenchModel, load_average, synchronizer, timed, write_results  # noqa: E402
 
 from src.experiment import fused_option  # noqa: E402
-from src.models import create_model  # noqa: E402
 from src.performance import StepSettings, keep_freed_memory  # noqa: E402
-from src.quantizer import DeadZoneLDZCompander  # noqa: E402
 from src.train import train, validate  # noqa: E402
-from src.utils_quantization import attach_weight_quantizers, quantized_layers  # noqa: E402
-
-# round(tanh(0.35) * (8 - 2) + 2) = 4 bits to start from.
-QAT_KWARGS = {"fixed_bit_val": 4, "max_bits": 8, "init_bit_logit": 0.35, "learnable_bit": True,
-              "learnable_deadzone": True}
-
-
-@dataclass
-class BenchModel:
-    """A network, its input size and batch, and the layers left FP32 (norms)."""
-
-    build: object
-    img_size: int
-    batch_size: int
-    exclude: tuple[str, ...]
-
-
-def torchvision_resnet18() -> nn.Module:
-    from torchvision.models import resnet18
-
-    return resnet18(num_classes=10)
-
-
-MODELS = {
-    "resnet20": BenchModel(lambda: create_model("resnet20", 10, 32), 32, 128, ("bn",)),
-    "resnet18": BenchModel(torchvision_resnet18, 224, 32, ("bn", "downsample.1")),
-    "vit": BenchModel(lambda: create_model("vit", 10, 224), 224, 32, ("norm",)),
-}
+from src.utils_quantization import quantized_layers  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,11 +58,6 @@ def parse_args() -> argparse.Namespace:
                         help="wall: elapsed time; cpu: process CPU time, steadier when other jobs share the cores")
     parser.add_argument("--json", default="runs/bench/step_overhead.json", help="where the results are written")
     return parser.parse_args()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Variant:
@@ -158,7 +122,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     models = {"fp32": fp32_model, "qat": copy.deepcopy(fp32_model)}
     if args.control:
         models["fp32_copy"] = copy.deepcopy(fp32_model)
-    attach_weight_quantizers(models["qat"], spec.exclude, DeadZoneLDZCompander, QAT_KWARGS)
+    spec.quantize(models["qat"])
     settings = StepSettings(device, args.amp, args.channels_last)
     variants = {key: Variant(model, settings, args.compile, args.compile_mode) for key, model in models.items()}
     train_batches = random_batches(args.train_steps, spec, device)
@@ -173,7 +137,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     times = {phase: {key: [] for key in (*variants, "quantizers")} for phase in phases}
     order = list(variants)
     rng = random.Random(0)
-    sync = functools.partial(synchronize, device)
+    sync = synchronizer(device)
     for _ in range(args.repeats):
         rng.shuffle(order)
         for phase, (run, units) in phases.items():

@@ -1,0 +1,43 @@
+"""The benchmarks run end to end on small settings: their JSON holds every timing, their last line the worst ratio.
+(Speed itself is judged from their full runs in docs/benchmarks.md, not here.)"""
+import json
+import re
+import subprocess
+import sys
+
+
+def run_bench(root, script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, f"bench/{script}", "--threads", "1", *args], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_step_overhead_times_every_variant_and_ends_with_the_worst_ratio(root, tmp_path):
+    out = run_bench(root, "step_overhead.py", "--models", "resnet20", "--repeats", "3", "--val-batches", "2",
+                    "--control", "--json", str(tmp_path / "steps.json"))
+    result = json.loads((tmp_path / "steps.json").read_text())["models"]["resnet20"]
+    assert result["batch_size"] == 128 and result["quantized_weights"] == 268_336
+    ratios = []
+    for phase in ("train", "val"):
+        entry = result[phase]
+        for key in ("fp32", "qat", "fp32_copy", "quantizers"):
+            assert len(entry[f"{key}_s"]) == 3 and all(seconds > 0 for seconds in entry[f"{key}_s"])
+        assert entry["qat_ratio_low"] <= entry["qat_ratio"] <= entry["qat_ratio_high"]
+        ratios.append(entry["qat_ratio"])
+    worst = re.fullmatch(r"worst QAT/FP32 ratio: (\d+\.\d{3}) \(resnet20 (train|val)\)", out.splitlines()[-1])
+    assert worst and float(worst[1]) == round(max(ratios), 3)
+
+
+def test_absmax_times_sizes_and_whole_models(root, tmp_path):
+    out = run_bench(root, "absmax.py", "--sizes", "1e3,2e4", "--models", "resnet20", "--repeats", "2",
+                    "--reference-up-to", "1e3", "--json", str(tmp_path / "absmax.json"))
+    report = json.loads((tmp_path / "absmax.json").read_text())
+    assert set(report["results"]) == {"1000", "20000"}
+    assert "kthvalue" in report["results"]["1000"]["median_s"]
+    assert "kthvalue" not in report["results"]["20000"]["median_s"]
+    model = report["models"]["resnet20"]
+    assert model["layers"] == 20 and model["elements"] == 268_336
+    assert set(model["median_s"]) == {"together", "per_layer", "max"}
+    worst = max([r["vs_max"] for r in report["results"].values()] + [model["vs_max"]])
+    assert out.splitlines()[-1].startswith(f"worst robust_absmax / max ratio: {worst:.1f} (")
