@@ -251,7 +251,7 @@ class DeadZoneLDZCompander(nn.Module):
 
     min_bits = 2
     bits_kwarg = "fixed_bit_val"
-    # forward takes the weight's robust_absmax as a second argument (see weights_quantized_once).
+    # forward takes the weight's robust_absmax as a second argument (see percentiles_selected_together).
     takes_robust_absmax = True
 
     def __init__(
@@ -296,7 +296,7 @@ class DeadZoneLDZCompander(nn.Module):
 
     def forward(self, weight: Tensor, absmax: Tensor | None = None) -> Tensor:
         """``weight`` fake-quantized; ``absmax`` is its robust_absmax where the caller has it already
-        (``weights_quantized_once`` selects every layer's together)."""
+        (``percentiles_selected_together`` selects every layer's at once)."""
         absmax = robust_absmax(weight) if absmax is None else absmax
         return DeadZoneQuantize.apply(weight, absmax, self.logit_dz, self.logit_bit, self)
 

@@ -26,7 +26,7 @@ class FakeQuantParametrization(nn.Module):
         super().__init__()
         self.quantizer = quantizer
         self.enabled = enabled
-        # The weight's robust_absmax, when weights_quantized_once has selected it with the other layers'.
+        # The weight's robust_absmax while percentiles_selected_together holds it (selected with the others').
         self.absmax: Tensor | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -111,7 +111,9 @@ def percentiles_selected_together(model: nn.Module) -> Iterator[None]:
     ``robust_absmaxes`` call for the whole model, made on entry: one ``topk`` for many layers on a GPU
     instead of one each, also for a compiled model, whose graph then reads them as inputs.
 
-    Only where the quantizer sees the latent weight itself (no other parametrization before it).
+    The latent weights must not change inside the block (train's covers the forward, not the
+    optimizer step). Only where the quantizer sees the latent weight itself (no other
+    parametrization before it).
     """
     given = [(module, parametrization) for _, module, parametrization in quantized_layers(model)
              if parametrization.enabled and getattr(parametrization.quantizer, "takes_robust_absmax", False)
