@@ -37,7 +37,7 @@ from common import CLOCKS, MODELS, BenchModel, load_average, synchronizer, timed
 from src.experiment import fused_option  # noqa: E402
 from src.performance import StepSettings, keep_freed_memory  # noqa: E402
 from src.train import train, validate  # noqa: E402
-from src.utils_quantization import quantized_layers  # noqa: E402
+from src.utils_quantization import quantized_layers, weights_quantized_once  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -87,9 +87,10 @@ def random_batches(count: int, spec: BenchModel, device: torch.device) -> list:
 
 
 class QuantizerPass:
-    """Every quantizer of a model on its own: forward and backward as in a training step (with a
-    fixed random upstream gradient), or forward only as once per validation pass. Timing it next
-    to the steps gives the quantizers' own share, which machine noise blurs less than a ratio."""
+    """Every quantizer of a model on its own, all at once as an eager ``train`` and ``validate`` run
+    them (``weights_quantized_once``): forward and backward as in a training step (with a fixed
+    random upstream gradient), or forward only as once per validation pass. Timing it next to the
+    steps gives the quantizers' own share, which machine noise blurs less than a ratio."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = [module for _, module, _ in quantized_layers(model)]
@@ -99,13 +100,15 @@ class QuantizerPass:
         self.model = model
 
     def train(self) -> None:
-        torch.autograd.backward([module.weight for module in self.modules], self.upstream)
+        with weights_quantized_once(self.model):  # as train quantizes them: all at once
+            weights = [module.weight for module in self.modules]
+        torch.autograd.backward(weights, self.upstream)
         self.model.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def validate(self) -> None:
-        for module in self.modules:
-            module.weight
+        with weights_quantized_once(self.model):
+            pass
 
 
 def median_with_interval(values: list[float], seed: int, resamples: int = 2000) -> tuple[float, float, float]:
