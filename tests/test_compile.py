@@ -1,6 +1,8 @@
 """use_compile with parametrized quantizers: torch.compile traces the fused quantizer, which reads
 percentiles selected before the graph runs; the compiled model trains to the same weights as the
 eager one."""
+import json
+
 import pytest
 import torch
 
@@ -70,3 +72,18 @@ def test_compiled_graph_reads_each_steps_percentiles_instead_of_selecting_them()
     assert len(graphs) == 1 and "topk" not in graphs[0].code
     inputs = [node.name for node in graphs[0].graph.nodes if node.op == "placeholder"]
     assert sum(name.endswith("absmax") for name in inputs) == 2, inputs
+
+
+def test_compiled_qat_run_end_to_end(tmp_path):
+    """run_training with use_compile on the CPU: trains, validates, reports compression and checkpoints."""
+    from conftest import quick_config, write_config
+    from run_training import main
+
+    config = quick_config(tmp_path, model="mlp", use_compile=True, epochs=2)
+    assert main(["--config", str(write_config(tmp_path, config))]) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert lines[-1]["val_acc"] > 0.8 and 0.0 < lines[-1]["sparsity"] < 1.0, lines[-1]
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
+    assert not any(key.startswith("_orig_mod") for key in checkpoint["model"])  # the plain model's names
