@@ -106,23 +106,25 @@ def toggle_quantization(model: nn.Module, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def percentiles_selected_together(model: nn.Module) -> Iterator[None]:
+def percentiles_selected_together(model: nn.Module) -> Iterator[list[nn.Module]]:
     """Inside the block, each quantizer that takes a robust absmax gets its weight's from one
     ``robust_absmaxes`` call for the whole model, made on entry: one ``topk`` for many layers on a GPU
-    instead of one each, also for a compiled model, whose graph then reads them as inputs.
+    instead of one each, also for a compiled model, whose graph then reads them as inputs. Yields the
+    model's quantized modules.
 
     The latent weights must not change inside the block (train's covers the forward, not the
     optimizer step). Only where the quantizer sees the latent weight itself (no other
     parametrization before it).
     """
-    given = [(module, parametrization) for _, module, parametrization in quantized_layers(model)
+    layers = [(module, parametrization) for _, module, parametrization in quantized_layers(model)]
+    given = [(module, parametrization) for module, parametrization in layers
              if parametrization.enabled and getattr(parametrization.quantizer, "takes_robust_absmax", False)
              and len(module.parametrizations.weight) == 1]
     try:
         absmaxes = robust_absmaxes([latent_weight(module) for module, _ in given])
         for (_, parametrization), absmax in zip(given, absmaxes, strict=True):
             parametrization.absmax = absmax
-        yield
+        yield [module for module, _ in layers]
     finally:
         for _, parametrization in given:
             parametrization.absmax = None
@@ -139,7 +141,7 @@ def weights_quantized_once(model: nn.Module) -> Iterator[None]:
     absmaxes are selected together (``percentiles_selected_together``).
     """
     with parametrize.cached():
-        with percentiles_selected_together(model):
-            for _, module, _ in quantized_layers(model):
+        with percentiles_selected_together(model) as layers:
+            for module in layers:
                 module.weight  # noqa: B018 (the access fills the cache)
         yield
