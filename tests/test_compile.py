@@ -75,11 +75,13 @@ def test_compiled_graph_reads_each_steps_percentiles_instead_of_selecting_them()
 
 
 def test_compiled_qat_run_end_to_end(tmp_path):
-    """run_training with use_compile on the CPU: trains, validates, reports compression and checkpoints."""
+    """run_training with the GPU target's options (use_compile, bf16 autocast, channels-last, data held
+    and augmented on the device) on the CPU: trains, validates, reports compression and checkpoints."""
     from conftest import quick_config, write_config
     from run_training import main
 
-    config = quick_config(tmp_path, model="mlp", use_compile=True, epochs=2)
+    config = quick_config(tmp_path, model="mlp", use_compile=True, amp="bf16", channels_last=True,
+                          data_on_device=True, epochs=2)
     assert main(["--config", str(write_config(tmp_path, config))]) == 0
     run_dir = next((tmp_path / "runs").iterdir())
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
