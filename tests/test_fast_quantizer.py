@@ -6,6 +6,7 @@ quantized weights and weight gradients, and the same logit gradients up to summa
 """
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -110,20 +111,22 @@ def bits_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.int64 if tensor.dtype == torch.float64 else torch.int32)
 
 
-@pytest.mark.parametrize("layout", ["float64", "transposed", "sliced", "negative_offset"])
+@pytest.mark.parametrize("layout", ["float64", "float64_float32_logits", "transposed", "sliced", "negative_offset"])
 def test_cpu_kernels_match_plain_equations_for_other_dtypes_and_layouts(layout, monkeypatch):
     generator = torch.Generator().manual_seed(7)
-    weight = torch.randn(64, 48, generator=generator, dtype=torch.float64 if layout == "float64" else torch.float32)
+    weight = torch.randn(64, 48, generator=generator, dtype=torch.float64 if "float64" in layout else torch.float32)
     weight = {"transposed": weight.t(), "sliced": weight[:, ::3]}.get(layout, weight)
     upstream = torch.randn(weight.shape, generator=generator, dtype=weight.dtype)
     # 3 bits and a dead zone narrower than a step put the offset below zero, where codes of -0.0 give outputs
     # of -0.0 (105 of them here).
     logits = (0.1, -2.0) if layout == "negative_offset" else (0.5, 1.0)
-    quantizer = DeadZoneLDZCompander(4, 8, *logits).to(weight.dtype)
+    logit_dtype = torch.float32 if layout == "float64_float32_logits" else weight.dtype
+    quantizer = DeadZoneLDZCompander(4, 8, *logits).to(logit_dtype)
     out, grad_w, grad_dz, grad_bit = run(fused_forward, quantizer, weight, upstream)
     ref_out, ref_grad_w, ref_grad_dz, ref_grad_bit = run(reference_forward, quantizer, weight, upstream)
     _, _, exact_dz, exact_bit = run(reference_forward, quantizer.double(), weight.double(), upstream.double())
-    quantizer.to(weight.dtype)
+    quantizer.to(logit_dtype)
+    assert grad_dz.dtype == ref_grad_dz.dtype == logit_dtype
     assert torch.equal(out, ref_out) and torch.equal(grad_w, ref_grad_w)
     if layout == "transposed":  # the output keeps the weight's layout
         assert out.stride() == weight.stride()
@@ -134,6 +137,27 @@ def test_cpu_kernels_match_plain_equations_for_other_dtypes_and_layouts(layout, 
     monkeypatch.setattr(quantizer_module, "CPU_KERNEL_DTYPES", ())
     torch_out, torch_grad_w, _, _ = run(fused_forward, quantizer, weight, upstream)
     assert torch.equal(bits_of(out), bits_of(torch_out)) and torch.equal(bits_of(grad_w), bits_of(torch_grad_w))
+
+
+@pytest.mark.parametrize("absmax_dtype,logit_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                       (torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_host_scalars_give_step_params_bit_for_bit(absmax_dtype, logit_dtype):
+    """The CPU kernels' grid comes from numpy scalars: the same float operations as the 0-dim tensor graph."""
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(400):
+        absmax = torch.rand((), generator=generator, dtype=torch.float64).to(absmax_dtype) * 10 ** float(
+            torch.randint(-6, 3, (), generator=generator))
+        logit_dz, logit_bit = (torch.randn(2, generator=generator) * 3).tolist()
+        max_bits = int(torch.randint(2, 9, (), generator=generator))
+        fixed = int(torch.randint(2, max_bits + 1, (), generator=generator))
+        learn_bit = bool(torch.randint(0, 2, (), generator=generator))
+        quantizer = DeadZoneLDZCompander(fixed, max_bits, logit_bit, logit_dz, learn_bit).to(logit_dtype)
+        with torch.no_grad():
+            tensors = quantizer.step_params(absmax)
+        host = quantizer.host_scalars(absmax)
+        for tensor, scalar in zip(tensors, quantizer.step_params(host["absmax"], host), strict=True):
+            assert tensor.dtype == torch.from_numpy(np.asarray(scalar)).dtype
+            assert tensor.item() == float(scalar), (tensor.item(), float(scalar), absmax, logit_dz, logit_bit)
 
 
 def test_cpu_eager_quantizer_runs_the_compiled_kernels(monkeypatch):
