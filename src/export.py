@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from src.checkpoint import CheckpointError, save_checkpoint
-from src.compression import (SCALE_BYTES, compressed_weight, inference_state, model_size, packed_code_bytes,
+from src.compression import (compressed_weight, inference_state, model_size, packed_code_bytes,
                              sparse_layout_is_smaller)
 from src.config import ConfigError
 from src.data import DATASET_REGISTRY
