@@ -100,6 +100,8 @@ class QuantizerPass:
         self.model = model
 
     def train(self) -> None:
+        # The model's gradients may still be the compiled step's (CUDA-graph outputs, under reduce-overhead).
+        self.model.zero_grad(set_to_none=True)
         with weights_quantized_once(self.model):  # as train quantizes them: all at once
             weights = [module.weight for module in self.modules]
         torch.autograd.backward(weights, self.upstream)
