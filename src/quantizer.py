@@ -43,8 +43,8 @@ class DeadZoneQuantize(torch.autograd.Function):
     """The whole dead-zone compander as one autograd node: ``apply(w, absmax, logit_dz, logit_bit, quantizer)``.
 
     Forward computes bits, d, s and delta with ``quantizer.step_params`` (the same ops as the plain
-    graph, without recording them; on the CPU kernels' path on numpy scalars), then codes c = clip(round(sign(w) relu(|w| - delta) / s), -Q, Q)
-    and output sign(c) delta + s c, by the same floating-point operations as the straight-through
+    graph, without recording them; on the CPU kernels' path on numpy scalars), then codes
+    c = clip(round(sign(w) relu(|w| - delta) / s), -Q, Q) and output sign(c) delta + s c, by the same floating-point operations as the straight-through
     graph (``x + (f(x) - x).detach()`` equals ``f(x)`` exactly for round, clip and relu here), so the
     output is bit-identical to it. Backward returns what autograd derives through that graph with
     round, clip and relu passed straight through:
@@ -323,7 +323,8 @@ class DeadZoneLDZCompander(nn.Module):
         scalars = {"absmax": host_scalar(absmax)}
         for name, logit in logits.items():
             scalars[f"logit_{name}"] = host_scalar(logit)
-            scalars[f"tanh_{name}"] = host_scalar(torch.tanh(logit.abs()))
+            if name == "dz" or self.learnable_bit:  # a fixed bit-width needs no tanh
+                scalars[f"tanh_{name}"] = host_scalar(torch.tanh(logit.abs()))
         return scalars
 
     def grid(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
