@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import CLOCKS, MODELS, latent_weights, load_average, synchronizer, timed, write_results  # noqa: E402
+from common import (CLOCKS, MODELS, latent_weights, load_average, model_names, synchronizer, timed,  # noqa: E402
+                    write_results)
 
 from src.percentile import quantile_ranks, robust_absmax, robust_absmaxes  # noqa: E402
 
@@ -51,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated element counts")
-    parser.add_argument("--models", default="resnet20,resnet18",
+    parser.add_argument("--models", type=model_names, default="resnet20,resnet18",
                         help=f"comma-separated from {', '.join(MODELS)}, or none")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved calls per method (more for small sizes)")
@@ -95,7 +96,7 @@ def main() -> int:
         results[size] = {"median_s": medians, "vs_max": medians["robust_absmax"] / medians["max"],
                          "vs_abs_max": medians["robust_absmax"] / medians["abs_max"], "repeats": repeats}
     models = {}
-    for name in (name for name in args.models.split(",") if name != "none"):
+    for name in args.models:
         spec = MODELS[name]
         weights = [weight.detach() for weight in latent_weights(spec.quantize(spec.build().to(device)))]
         methods = {"together": lambda: robust_absmaxes(weights), "per_layer": lambda: [robust_absmax(w) for w in weights],

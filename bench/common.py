@@ -1,6 +1,7 @@
 """What both benchmarks share: the benchmarked models, their clocks, the machine's load and the JSON results file."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -47,6 +48,15 @@ MODELS = {
     "resnet18": BenchModel(torchvision_resnet18, 224, 32, ("bn", "downsample.1")),
     "vit": BenchModel(lambda: create_model("vit", 10, 224), 224, 32, ("norm",)),
 }
+
+
+def model_names(text: str) -> list[str]:
+    """``--models``: comma-separated keys of MODELS, or ``none`` for none (an argparse type)."""
+    names = [] if text == "none" else text.split(",")
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model {unknown[0]!r}: choose from {', '.join(MODELS)}, or none")
+    return names
 
 
 def latent_weights(model: nn.Module) -> list[torch.Tensor]:

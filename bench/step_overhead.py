@@ -32,7 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import CLOCKS, MODELS, BenchModel, load_average, synchronizer, timed, write_results  # noqa: E402
+from common import (CLOCKS, MODELS, BenchModel, load_average, model_names, synchronizer, timed,  # noqa: E402
+                    write_results)
 
 from src.experiment import fused_option  # noqa: E402
 from src.performance import StepSettings, keep_freed_memory  # noqa: E402
@@ -43,7 +44,8 @@ from src.utils_quantization import quantized_layers, weights_quantized_once  # n
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", default="resnet20,resnet18", help=f"comma-separated from {', '.join(MODELS)}")
+    parser.add_argument("--models", type=model_names, default="resnet20,resnet18",
+                        help=f"comma-separated from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--train-steps", type=int, default=1, help="training steps per variant and repeat")
@@ -186,7 +188,7 @@ def main() -> int:
     report = {"machine": machine(device, args.threads), "args": vars(args), "load_before": load_average(),
               "keeps_freed_memory": keep_freed_memory(),  # as run_training does
               "models": {}}
-    for name in args.models.split(","):
+    for name in args.models:
         report["models"][name] = measure(name, args, device)
     report["load_after"] = load_average()
     path = write_results(args.json, report)

@@ -41,3 +41,12 @@ def test_absmax_times_sizes_and_whole_models(root, tmp_path):
     assert set(model["median_s"]) == {"together", "per_layer", "max"}
     worst = max([r["vs_max"] for r in report["results"].values()] + [model["vs_max"]])
     assert out.splitlines()[-1].startswith(f"worst robust_absmax / max ratio: {worst:.1f} (")
+
+
+def test_unknown_model_is_a_one_line_usage_error(root):
+    for script in ("step_overhead.py", "absmax.py"):
+        done = subprocess.run([sys.executable, f"bench/{script}", "--models", "resnet20,resnet99"], cwd=root,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and not done.stdout
+        assert done.stderr.splitlines()[-1].endswith("unknown model 'resnet99': choose from resnet20, resnet18, vit, "
+                                                     "or none")
