@@ -450,15 +450,18 @@ def main(argv: list[str] | None = None) -> int:
     root.addHandler(handler)
     root.setLevel(logging.ERROR if distributed.launched_as_other_rank() else logging.INFO)  # rank 0 speaks for all
     logging.captureWarnings(True)
+    finished = False
     try:
-        return run(args, handler)
+        code = run(args, handler)
+        finished = True
+        return code
     except ConfigError as error:
         error.source = error.source or args.config
         return report(error.line(), args.verbose, EXIT_CONFIG_ERROR)
     except (RunFailure, CheckpointError) as error:
         return report(f"error: {error}", args.verbose, EXIT_FAILURE)
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)
         logging.captureWarnings(False)
         root.removeHandler(handler)
 

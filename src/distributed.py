@@ -71,9 +71,15 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
-def teardown() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
+def teardown(finished: bool) -> None:
+    """Leave the process group. Processes that ``finished`` first meet at a barrier: gloo can abort one
+    (SIGABRT, "terminate called without an active exception") that shuts its group down while a peer is
+    still busy, e.g. rank 0 writing the run report. After an error a peer may never arrive: no barrier."""
+    if not is_distributed():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

@@ -42,7 +42,7 @@ def main(config_path: str, out_dir: str) -> None:
     report = {"train": train_metrics, "val": val_metrics, "compression": summary(layer_stats(model)),
               "loss_terms": [float(term(model)) for term in loss_terms], "val_batches": len(val_loader)}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
-    distributed.teardown()
+    distributed.teardown(finished=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+import torch.distributed as dist
 from conftest import ROOT, quick_config, write_config
 from torch import nn
 
@@ -38,6 +40,17 @@ def test_without_torchrun_the_world_is_one_process():
     values = torch.tensor([1.0, 2.0])
     assert distributed.all_reduce_sum(values) is values and values.tolist() == [1.0, 2.0]
     assert distributed.any_process(True, torch.device("cpu")) and not distributed.any_process(False, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("finished, calls", [(True, ["barrier", "destroy"]), (False, ["destroy"])])
+def test_teardown_waits_for_every_process_only_after_a_finished_run(tmp_path, monkeypatch, finished, calls):
+    seen = []
+    for name, label in (("barrier", "barrier"), ("destroy_process_group", "destroy")):
+        original = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda original=original, label=label: (seen.append(label), original())[1])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    distributed.teardown(finished)
+    assert seen == calls and not distributed.is_distributed()
 
 
 def test_replicas_stay_identical_and_sharded_validation_equals_one_process(tmp_path):
