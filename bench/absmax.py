@@ -99,8 +99,8 @@ def main() -> int:
     for name in args.models:
         spec = MODELS[name]
         weights = [weight.detach() for weight in latent_weights(spec.quantize(spec.build().to(device)))]
-        methods = {"together": lambda: robust_absmaxes(weights), "per_layer": lambda: [robust_absmax(w) for w in weights],
-                   "max": lambda: [w.max() for w in weights]}
+        methods = {"together": lambda: robust_absmaxes(weights),
+                   "per_layer": lambda: [robust_absmax(w) for w in weights], "max": lambda: [w.max() for w in weights]}
         medians = interleaved_medians(methods, args.repeats * 4, len(weights), args.clock, sync)
         models[name] = {"layers": len(weights), "elements": sum(w.numel() for w in weights), "median_s": medians,
                         "vs_max": medians["together"] / medians["max"]}
@@ -121,8 +121,8 @@ def main() -> int:
         print(f"{'model':>11} {'layers':>6} {'together ms':>11} {'per layer ms':>12} {'max ms':>8} {'/max':>6}")
     for name, result in models.items():
         medians = result["median_s"]
-        print(f"{name:>11} {result['layers']:>6} {medians['together'] * 1e3:>11.3f} {medians['per_layer'] * 1e3:>12.3f} "
-              f"{medians['max'] * 1e3:>8.3f} {result['vs_max']:>6.1f}")
+        print(f"{name:>11} {result['layers']:>6} {medians['together'] * 1e3:>11.3f} "
+              f"{medians['per_layer'] * 1e3:>12.3f} {medians['max'] * 1e3:>8.3f} {result['vs_max']:>6.1f}")
     ratios = [(result["vs_max"], f"{size:,} elements") for size, result in results.items()]
     ratios += [(result["vs_max"], f"{name}'s {result['layers']} layers") for name, result in models.items()]
     worst = max(ratios)

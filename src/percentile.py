@@ -148,7 +148,8 @@ def similar_sizes(items: Sequence[int], sizes: Sequence[int]) -> list[list[int]]
 def padded_topk_absmaxes(weights: Sequence[Tensor], q: float) -> list[Tensor]:
     """robust_absmax of each of ``weights`` (one device, one dtype), by one sorted ``topk`` over a matrix whose rows
     hold their |w|, padded with -1 to the longest. The padding lies below every magnitude, so a row's topk starts
-    with its tensor's own largest magnitudes in their order; a NaN, which topk orders above every number, comes first."""
+    with its tensor's own largest magnitudes in their order; a NaN, which topk orders above every number, comes
+    first."""
     if len(weights) == 1:
         return [robust_absmax(weights[0], q)]
     values = [flat_view(selection_values(weight, q).detach()) for weight in weights]

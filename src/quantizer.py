@@ -44,9 +44,9 @@ class DeadZoneQuantize(torch.autograd.Function):
 
     Forward computes bits, d, s and delta with ``quantizer.step_params`` (the same ops as the plain
     graph, without recording them; on the CPU kernels' path on numpy scalars), then codes
-    c = clip(round(sign(w) relu(|w| - delta) / s), -Q, Q) and output sign(c) delta + s c, by the same floating-point operations as the straight-through
-    graph (``x + (f(x) - x).detach()`` equals ``f(x)`` exactly for round, clip and relu here), so the
-    output is bit-identical to it. Backward returns what autograd derives through that graph with
+    c = clip(round(sign(w) relu(|w| - delta) / s), -Q, Q) and output sign(c) delta + s c, by the
+    same floating-point operations as the straight-through graph (``x + (f(x) - x).detach()``
+    equals ``f(x)`` exactly for round, clip and relu here), so the output is bit-identical to it. Backward returns what autograd derives through that graph with
     round, clip and relu passed straight through:
 
     * weight: ``((g * s) / s) * sign(w) * sign(w)``, the graph's own rounding steps, bit-identical;

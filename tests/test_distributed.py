@@ -45,9 +45,15 @@ def test_without_torchrun_the_world_is_one_process():
 @pytest.mark.parametrize("finished, calls", [(True, ["barrier", "destroy"]), (False, ["destroy"])])
 def test_teardown_waits_for_every_process_only_after_a_finished_run(tmp_path, monkeypatch, finished, calls):
     seen = []
-    for name, label in (("barrier", "barrier"), ("destroy_process_group", "destroy")):
-        original = getattr(dist, name)
-        monkeypatch.setattr(dist, name, lambda original=original, label=label: (seen.append(label), original())[1])
+
+    def recorded(label, original):
+        def call():
+            seen.append(label)
+            return original()
+        return call
+
+    monkeypatch.setattr(dist, "barrier", recorded("barrier", dist.barrier))
+    monkeypatch.setattr(dist, "destroy_process_group", recorded("destroy", dist.destroy_process_group))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     distributed.teardown(finished)
     assert seen == calls and not distributed.is_distributed()
