@@ -17,6 +17,22 @@ def root() -> Path:
     return ROOT
 
 
+@pytest.fixture
+def percentile_selections(monkeypatch) -> list[list]:
+    """The weights of each ``robust_absmaxes`` call ``percentiles_selected_together`` makes, one list a call."""
+    from src import utils_quantization
+
+    calls = []
+    real = utils_quantization.robust_absmaxes
+
+    def recording(weights):
+        calls.append(list(weights))
+        return real(weights)
+
+    monkeypatch.setattr(utils_quantization, "robust_absmaxes", recording)
+    return calls
+
+
 def quick_config(tmp_path: Path, **overrides) -> dict:
     """A 1-epoch digits config that trains in a few seconds on a CPU."""
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())

@@ -9,7 +9,6 @@ from torch.nn.utils import parametrize
 from src import percentile
 from src.models import create_model
 from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
-from src import utils_quantization
 from src.utils_quantization import (FakeQuantParametrization, attach_weight_quantizers, latent_weight,
                                      quantized_layers, quantizer_of, toggle_quantization, weights_quantized_once)
 
@@ -99,7 +98,7 @@ def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients
     assert torch.count_nonzero(up_front["conv1.parametrizations.weight.0.quantizer.logit_dz"])
 
 
-def test_weights_quantized_once_gives_the_percentile_only_to_quantizers_that_take_it(monkeypatch):
+def test_weights_quantized_once_gives_the_percentile_only_to_quantizers_that_take_it(percentile_selections):
     model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 10), nn.Linear(10, 5))
     attach_weight_quantizers(model, ["1", "2"], DeadZoneLDZCompander, {})
     # Another parametrization ahead of the quantizer: it sees that one's output, not the latent weight.
@@ -107,17 +106,14 @@ def test_weights_quantized_once_gives_the_percentile_only_to_quantizers_that_tak
     parametrize.register_parametrization(model[1], "weight", FakeQuantParametrization(DeadZoneLDZCompander()))
     attach_weight_quantizers(model, [], UniformSymmetric, {"bitwidth": 4})  # only the last layer is left
     assert [type(quantizer_of(layer)) for layer in model] == [DeadZoneLDZCompander] * 2 + [UniformSymmetric]
-    selected = []
-    real = percentile.robust_absmaxes
-    monkeypatch.setattr(utils_quantization, "robust_absmaxes", lambda weights: selected.extend(weights) or real(weights))
     expected = [layer.weight.detach().clone() for layer in model]
     with weights_quantized_once(model):
         assert all(torch.equal(layer.weight, weight) for layer, weight in zip(model, expected, strict=True))
-    assert [weight.shape for weight in selected] == [(20, 30)]
+    assert [[weight.shape for weight in call] for call in percentile_selections] == [[(20, 30)]]
     toggle_quantization(model, False)
     with weights_quantized_once(model):
         assert torch.equal(model[0].weight, latent_weight(model[0]))
-    assert len(selected) == 1  # a disabled quantizer asks for no percentile
+    assert len(percentile_selections) == 1  # a disabled quantizer asks for no percentile
 
 
 def test_vit_attachment_and_exclusion():
