@@ -8,8 +8,11 @@ by the two plain ranges it replaces: ``w.max()`` (one reduction) and ``w.abs().m
 absmax a uniform quantizer uses). Medians per call and the ratios to both are printed; the
 previous implementation (two full ``kthvalue`` selections) is timed too up to
 ``--reference-up-to`` elements, in a loop of its own: its sort-sized traffic evicts the caches,
-so between the compared calls it would time whichever one follows it on cold memory. Each repeat
-runs the compared methods in a new (seeded) random order, so each follows each other equally often.
+so between the compared calls it would time whichever one follows it on cold memory. On the CPU
+the torch method that ``robust_absmax`` runs on GPUs (one sorted ``topk`` of the largest 1 %) is
+timed the same way: the numba kernels replace it there, and the "topk" column says what they save.
+Each repeat runs the compared methods in a new (seeded) random order, so each follows each other
+equally often.
 
 For each of ``--models`` the same is timed over the latent weights of all its quantized layers,
 as a training step needs them: ``robust_absmaxes`` (all at once, as ``train`` selects them), one
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (CLOCKS, MODELS, latent_weights, load_average, model_names, synchronizer, timed,  # noqa: E402
                     write_results)
 
-from src.percentile import quantile_ranks, robust_absmax, robust_absmaxes  # noqa: E402
+from src.percentile import order_statistics_by_topk, quantile_ranks, robust_absmax, robust_absmaxes  # noqa: E402
 
 DEFAULT_SIZES = "1e3,1e4,36864,1e5,1e6,2359296,16777216,3.4e7"
 
@@ -46,6 +49,13 @@ def kthvalue_percentile(weight: torch.Tensor) -> torch.Tensor:
     magnitudes = weight.abs().flatten()
     lower, upper, frac = quantile_ranks(magnitudes.numel(), 0.99, magnitudes.dtype)
     return torch.lerp(magnitudes.kthvalue(lower + 1).values, magnitudes.kthvalue(upper + 1).values, frac)
+
+
+def topk_percentile(weight: torch.Tensor) -> torch.Tensor:
+    """robust_absmax by its torch method (one sorted topk), whatever the device: on the CPU, what the kernels save."""
+    values = weight.flatten()
+    lower, upper, frac = quantile_ranks(values.numel(), 0.99, values.dtype)
+    return torch.lerp(*order_statistics_by_topk(values, lower, upper), frac)
 
 
 def parse_args() -> argparse.Namespace:
@@ -90,9 +100,12 @@ def main() -> int:
         repeats = args.repeats * max(1, int(20 / math.log10(size)) if size < 1e5 else 1)
         medians = interleaved_medians(methods, repeats, size, args.clock, sync)
         if size <= args.reference_up_to:
-            # Timed on its own: between the compared calls its sort-sized traffic would evict their data and code.
-            medians["kthvalue"] = interleaved_medians({"kthvalue": lambda: kthvalue_percentile(weight)}, args.repeats,
-                                                      size, args.clock, sync)["kthvalue"]
+            references = {"kthvalue": lambda: kthvalue_percentile(weight)}
+            if device.type == "cpu":  # elsewhere robust_absmax is the topk method
+                references["topk"] = lambda: topk_percentile(weight)
+            for name, method in references.items():
+                # Each on its own: between the compared calls its sort-sized traffic would evict their data and code.
+                medians[name] = interleaved_medians({name: method}, args.repeats, size, args.clock, sync)[name]
         results[size] = {"median_s": medians, "vs_max": medians["robust_absmax"] / medians["max"],
                          "vs_abs_max": medians["robust_absmax"] / medians["abs_max"], "repeats": repeats}
     models = {}
@@ -110,13 +123,14 @@ def main() -> int:
 
     print(f"device {device} | {args.threads} threads | {args.clock} clock | torch {torch.__version__}"
           + (f" | load average {load[0]:.1f}" if load else ""))
-    print(f"{'elements':>11} {'robust ms':>10} {'max ms':>8} {'|w|.max ms':>10} {'kthvalue ms':>11} "
+    print(f"{'elements':>11} {'robust ms':>10} {'max ms':>8} {'|w|.max ms':>10} {'kthvalue ms':>11} {'topk ms':>9} "
           f"{'/max':>6} {'/|w|.max':>8}")
     for size, result in results.items():
         medians = result["median_s"]
-        reference = f"{medians['kthvalue'] * 1e3:>11.3f}" if "kthvalue" in medians else f"{'-':>11}"
+        references = " ".join(f"{medians[name] * 1e3:>{width}.3f}" if name in medians else f"{'-':>{width}}"
+                              for name, width in (("kthvalue", 11), ("topk", 9)))
         print(f"{size:>11,} {medians['robust_absmax'] * 1e3:>10.3f} {medians['max'] * 1e3:>8.3f} "
-              f"{medians['abs_max'] * 1e3:>10.3f} {reference} {result['vs_max']:>6.1f} {result['vs_abs_max']:>8.1f}")
+              f"{medians['abs_max'] * 1e3:>10.3f} {references} {result['vs_max']:>6.1f} {result['vs_abs_max']:>8.1f}")
     if models:
         print(f"{'model':>11} {'layers':>6} {'together ms':>11} {'per layer ms':>12} {'max ms':>8} {'/max':>6}")
     for name, result in models.items():

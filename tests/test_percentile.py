@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from src import _percentile_kernels as kernels
 from src import percentile
 from src.percentile import (PADDING_LIMIT, order_statistics_by_topk, padded_topk_absmaxes, quantile_ranks,
                             robust_absmax, robust_absmaxes, similar_sizes)
@@ -42,14 +43,14 @@ def sampled_rounds(weight: torch.Tensor, q: float = 0.99) -> int:
     """How many sampled rounds narrowed the set before the CPU kernel's final selection (0: none did)."""
     values = weight.detach().flatten()
     lower, upper, weight_frac = quantile_ranks(values.numel(), q, values.dtype)
-    return percentile.percentile_by_selection(values.numpy(), lower, upper, weight_frac, True)[1]
+    return kernels.percentile_by_selection(values.numpy(), lower, upper, weight_frac, True)[1]
 
 
 @pytest.fixture
 def small_sets(monkeypatch):
     """Send small tensors down the sampled path, with small samples and several narrowing rounds."""
-    monkeypatch.setattr(percentile, "DIRECT_SELECTION_SIZE", 64)
-    monkeypatch.setattr(percentile, "SAMPLE_SIZE", 256)
+    monkeypatch.setattr(kernels, "DIRECT_SELECTION_SIZE", 64)
+    monkeypatch.setattr(kernels, "SAMPLE_SIZE", 256)
 
 
 def random_tensor(rng: random.Random, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -77,8 +78,8 @@ def test_rank_formula_is_torch_quantiles():
         assert_identical(kthvalue_reference(w, q), quantile(w, q))
 
 
-DIRECT = percentile.DIRECT_SELECTION_SIZE
-BLOCK = percentile.BLOCK
+DIRECT = kernels.DIRECT_SELECTION_SIZE
+BLOCK = kernels.BLOCK
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 100, DIRECT - 1, DIRECT, DIRECT + 1, 2 * BLOCK - 1, 8 * BLOCK + 1, 4097,
@@ -223,7 +224,7 @@ def test_ties_that_fill_the_band_fall_back_to_direct_selection():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_nan_anywhere_gives_nan(dtype, small_sets):
     n = 50_000
-    stride = percentile.sample_stride(n, percentile.SAMPLE_SIZE)
+    stride = kernels.sample_stride(n, kernels.SAMPLE_SIZE)
     # In the sample, between sampled positions, in the last partial block; a NaN with its sign bit set.
     for size, position, nan in [(10, 3, math.nan), (n, 0, math.nan), (n, stride, math.nan), (n, 17, math.nan),
                                 (n, n - 1, math.nan), (n + 7, n + 5, math.nan), (n, 123, -math.nan)]:
@@ -238,7 +239,7 @@ def test_nan_anywhere_gives_nan(dtype, small_sets):
 def test_nan_is_seen_however_the_bounds_fall(monkeypatch):
     """Bounds from a NaN-free sample, from a sample holding the NaN, and none at all (a failed check)."""
     for margin in [5.0, 0.0, -20.0]:
-        monkeypatch.setattr(percentile, "SAMPLE_MARGIN_SIGMAS", margin)
+        monkeypatch.setattr(kernels, "SAMPLE_MARGIN_SIGMAS", margin)
         for position in [0, 1, 99_999]:
             w = torch.randn(100_000)
             w[position] = math.nan
@@ -250,7 +251,7 @@ def test_sample_aligned_outliers_force_the_exact_fallback():
     n = 50_000
     w = torch.rand(n)
     assert sampled_rounds(w) >= 1
-    w[:: percentile.sample_stride(n, percentile.SAMPLE_SIZE)] += 100.0
+    w[:: kernels.sample_stride(n, kernels.SAMPLE_SIZE)] += 100.0
     assert sampled_rounds(w) == 0, "the sampled bounds should have failed their check here"
     assert_identical(robust_absmax(w), quantile(w))
 
@@ -260,13 +261,13 @@ def test_bracket_check_boundaries():
     above it, at least needed at or above its bottom (random tensors rarely land on these edges)."""
     for needed, spread in [(10, 0), (10, 1), (1, 0)]:
         top = needed - spread - 1  # the most keys that may lie above the band
-        assert percentile.brackets(top, spread + 1, needed, spread)
-        assert not percentile.brackets(top + 1, spread + 1, needed, spread)
-        assert not percentile.brackets(top, spread, needed, spread)
+        assert kernels.brackets(top, spread + 1, needed, spread)
+        assert not kernels.brackets(top + 1, spread + 1, needed, spread)
+        assert not kernels.brackets(top, spread, needed, spread)
 
 
 def test_failed_bounds_never_change_the_result(small_sets, monkeypatch):
-    monkeypatch.setattr(percentile, "SAMPLE_MARGIN_SIGMAS", 0.0)  # bounds one rank from the expected: often wrong
+    monkeypatch.setattr(kernels, "SAMPLE_MARGIN_SIGMAS", 0.0)  # bounds one rank from the expected: often wrong
     rng = random.Random(3)
     fallbacks = 0
     for _ in range(60):
@@ -279,9 +280,7 @@ def test_failed_bounds_never_change_the_result(small_sets, monkeypatch):
 def test_quickselect_on_patterns_that_defeat_pivot_rules():
     """The final selection at every rank against numpy, on orders where a simple pivot choice degrades (sizes
     with sampled pivots and with medians of 3)."""
-    percentile.compiled_selection()
-    select_in_place = percentile.select_in_place  # compiled now
-    n = 16 * percentile.PIVOT_SAMPLE * 3 + 1
+    n = 16 * kernels.PIVOT_SAMPLE * 3 + 1
     patterns = {"sorted": np.arange(n), "reverse": np.arange(n)[::-1], "equal": np.zeros(n),
                 "organ pipe": np.concatenate([np.arange(n // 2), np.arange(n - n // 2)[::-1]]),
                 "sawtooth": np.arange(n) % 7, "two values": np.arange(n) % 2,
@@ -290,18 +289,17 @@ def test_quickselect_on_patterns_that_defeat_pivot_rules():
         keys = pattern.astype(np.int32)
         expected = np.sort(keys)
         for rank in range(n):
-            assert select_in_place(keys.copy(), rank, 0, n - 1) == expected[rank], (name, rank)
+            assert kernels.select_in_place(keys.copy(), rank, 0, n - 1) == expected[rank], (name, rank)
 
 
 def test_heapsort_the_quickselect_falls_back_to():
-    percentile.compiled_selection()
     rng = np.random.default_rng(1)
     for size in [1, 2, 3, 10, 255, 1000]:
         for keys in [rng.integers(-5, 5, size), rng.integers(-2**31, 2**31 - 1, size), np.zeros(size, np.int64)]:
             keys = keys.astype(np.int32)
             low, high = size // 4, size - 1 - size // 5
             sorted_range = keys.copy()
-            percentile.heapsort(sorted_range, low, high)
+            kernels.heapsort(sorted_range, low, high)
             expected = keys.copy()
             expected[low:high + 1].sort()
             assert np.array_equal(sorted_range, expected)
@@ -310,18 +308,17 @@ def test_heapsort_the_quickselect_falls_back_to():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_probes_tell_a_fused_lerp_from_an_unfused_one(dtype):
     """In each branch of lerp (weight below 0.5 and not) some probe's result depends on the rounding."""
-    percentile.compiled_selection()
     scalar = torch.empty(0, dtype=dtype).numpy().dtype.type
     for branch in (lambda weight: weight < 0.5, lambda weight: weight >= 0.5):
-        assert any(percentile.lerp(scalar(low), scalar(high), scalar(weight), True)
-                   != percentile.lerp(scalar(low), scalar(high), scalar(weight), False)
-                   for low, high, weight in percentile.LERP_PROBES if branch(weight))
+        assert any(kernels.lerp(scalar(low), scalar(high), scalar(weight), True)
+                   != kernels.lerp(scalar(low), scalar(high), scalar(weight), False)
+                   for low, high, weight in kernels.LERP_PROBES if branch(weight))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_lerp_is_torch_lerp(dtype):
     """The lerp the CPU kernel computes is torch.lerp's, bit for bit, on random and edge-case inputs."""
-    fused = percentile.torch_lerp_is_fused(dtype)
+    fused = kernels.torch_lerp_is_fused(dtype)
     assert fused is not None, "torch.lerp here rounds neither like an FMA nor like a multiply and an add"
     scalar = torch.empty(0, dtype=dtype).numpy().dtype.type
     rng = np.random.default_rng(5)
@@ -337,13 +334,13 @@ def test_kernel_lerp_is_torch_lerp(dtype):
     weights[len(edge_weights)::8] = 0.5  # the branch boundary, where high - low is often inexact
     for lo, hi, weight in zip(low.astype(scalar), high.astype(scalar), weights.astype(scalar)):
         expected = torch.lerp(torch.tensor(lo), torch.tensor(hi), float(weight))  # robust_absmax's call
-        result = percentile.lerp(lo, hi, weight, fused)
+        result = kernels.lerp(lo, hi, weight, fused)
         assert result == expected.item() or (math.isnan(result) and math.isnan(expected)), (lo, hi, weight)
 
 
 def test_torch_lerp_fallback_gives_the_same_results(monkeypatch):
     """Where the kernel's lerp matches neither rounding, robust_absmax interpolates with torch.lerp itself."""
-    monkeypatch.setattr(percentile, "torch_lerp_is_fused", lambda dtype: None)
+    monkeypatch.setattr(kernels, "torch_lerp_is_fused", lambda dtype: None)
     rng = random.Random(6)
     for _ in range(30):
         n = rng.randrange(1, 20_000)
@@ -390,7 +387,8 @@ def test_compiles_without_graph_breaks():
 
 def test_numba_is_imported_on_first_use_only():
     """Importing the module (as --dry-run, config errors and GPU runs do) must not pay numba's import time."""
-    code = ("import sys, torch; from src import percentile; assert 'numba' not in sys.modules; "
+    code = ("import sys, torch; from src import percentile; "
+            "assert 'numba' not in sys.modules and 'src._percentile_kernels' not in sys.modules; "
             "percentile.robust_absmax(torch.randn(10)); assert 'numba' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
