@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (CLOCKS, MODELS, BenchModel, load_average, model_names, synchronizer, timed,  # noqa: E402
                     write_results)
 
-from src.experiment import fused_option  # noqa: E402
-from src.performance import StepSettings, keep_freed_memory  # noqa: E402
+from src.optim import fused_option  # noqa: E402
+from src.memory import keep_freed_memory  # noqa: E402
+from src.step_settings import StepSettings  # noqa: E402
 from src.train import train, validate  # noqa: E402
 from src.utils_quantization import quantized_layers, weights_quantized_once  # noqa: E402
 

@@ -16,12 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from src.errors import CheckpointError
+
 CHECKPOINT_FORMAT = 1
 REQUIRED_KEYS = ("format", "model", "optimizer", "scheduler", "epoch", "epoch_step", "config", "rng")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which file and what to do."""
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

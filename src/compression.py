@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from src.quantizer import layer_readout
 from src.utils_quantization import latent_weight, quantized_layers, quantizer_of
 
 MAC_LAYERS = (nn.Conv2d, nn.Linear)
@@ -94,7 +95,7 @@ def layer_stats(model: nn.Module, macs: dict[str, int] | None = None,
         quantizer = quantizer_of(module)
         weight = compressed_weight(module)
         if quantizer is not None:
-            readout = quantizer.stats(latent_weight(module))
+            readout = layer_readout(quantizer, latent_weight(module), weight)
             bits, deadzone, step = readout["bits"], readout["deadzone"], readout["step"]
         else:
             bits, deadzone, step = float(FP32_BITS), None, None
@@ -299,7 +300,8 @@ def model_size(model: nn.Module) -> ModelSize:
     for key, tensor in state.items():
         fp32 += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
         if key in quantized:
-            bits = round(quantizer_of(quantized[key]).stats(latent_weight(quantized[key]))["bits"])
+            module = quantized[key]
+            bits = round(layer_readout(quantizer_of(module), latent_weight(module), tensor)["bits"])
             compressed += quantized_layer_bytes(tensor.numel(), int(torch.count_nonzero(tensor)), bits)
         else:
             compressed += tensor.numel() * tensor.element_size()

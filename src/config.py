@@ -1,36 +1,42 @@
 """The experiment YAML: one typed schema, its loader, ``--set`` overrides and clear errors.
 
 The schema below is the single source of truth for every key: its type, default, range and
-doc. ``python -m src.config`` prints the README's YAML reference from it.
+doc. Keys that name a registered part (model, data set, quantizer, loss term, optimizer,
+scheduler) are checked against that part's registry when a config is validated, after the
+config's ``plugins`` are imported, so the valid choices are whatever is registered then.
+``python -m src.config`` prints the README's YAML reference from the schema and the registries.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from src.data import DATASET_REGISTRY
+from src.errors import ConfigError
 from src.models import MODEL_REGISTRY
+from src.optim import OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
+from src.plugins import import_plugins
+from src.quantizer import QUANTIZER_REGISTRY, check_quantizer
+from src.registry import Registry
 from src.structured_loss import LOSS_REGISTRY
 
+log = logging.getLogger(__name__)
 
-class ConfigError(ValueError):
-    """A bad config value: ``key`` is the dotted path, ``fix`` tells the user what to do."""
-
-    def __init__(self, key: str, problem: str, fix: str, source: str = "") -> None:
-        self.key, self.problem, self.fix, self.source = key, problem, fix, source
-        super().__init__(self.line())
-
-    def line(self) -> str:
-        where = f"{self.source}: " if self.source else ""
-        key = f"{self.key}: " if self.key else ""
-        return f"config error: {where}{key}{self.problem}; {self.fix}"
+# Which registry a key's value is a name from; the YAML reference lists each one's entries.
+REGISTRIES: dict[str, Registry] = {
+    "model": MODEL_REGISTRY, "dataset": DATASET_REGISTRY, "quantizer.name": QUANTIZER_REGISTRY,
+    "loss_terms[].name": LOSS_REGISTRY, "optimizer.type": OPTIMIZER_REGISTRY, "lr_scheduler.type": SCHEDULER_REGISTRY,
+}
+# Sections that may be written as a bare string: the string is the value of this key of the mapping.
+SHORTHANDS = {"quantizer": "name", "lr_scheduler": "type"}
 
 
 # Marks a key that only says how a run executes, not what it computes: it may differ when a run resumes.
@@ -40,12 +46,25 @@ RUNTIME = {"runtime": True}
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def no_booleans_for_numbers(cls, data: Any) -> Any:
+        """YAML 1.1 reads yes/no/on/off as booleans, which pydantic would take as 1/0 for a number."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(field.alias or name, data.get(name))
+                if isinstance(value, bool) and "bool" not in str(field.annotation):
+                    raise ValueError(f"{field.alias or name}: got the boolean {value!r} (YAML reads yes/no/on/off as "
+                                     f"booleans) where {annotation_text(field.annotation)} is expected")
+        return data
+
 
 class QuantizerConfig(Section):
-    name: str = Field(description="quantizer from QUANTIZER_REGISTRY: `deadzone` (CoDeQ) or `uniform`")
+    name: str = Field(description="quantizer (`deadzone` is CoDeQ)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the quantizer class")
     exclude_layers: list[str] = Field(
-        default_factory=list, description="modules whose name contains any of these strings stay FP32"
+        default_factory=list, description="modules whose name contains any of these strings stay FP32; an entry "
+        "`re:PATTERN` is a regular expression matched against the whole name, e.g. `re:^(conv1|fc)$`"
     )
 
 
@@ -68,23 +87,35 @@ class ParamGroups(Section):
 
 
 class OptimizerConfig(Section):
-    type: Literal["adamw", "adam", "sgd"] = Field("adamw", description="optimizer")
+    type: str = Field("adamw", description="optimizer")
     param_groups: ParamGroups = Field(description="per-group options, passed straight to the optimizer")
 
 
 class LossTermConfig(Section):
-    name: str = Field(description="loss term from LOSS_REGISTRY, e.g. `group_lasso`")
+    name: str = Field(description="loss term")
     weight: float = Field(1.0, alias="lambda", description="the term is added as `lambda * fn(model, **kwargs)`")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the loss function")
 
 
 class SchedulerConfig(Section):
-    type: Literal["cosine", "constant"] = Field("cosine", description="cosine annealing (T_max=epochs) or constant")
-    eta_min: float = Field(0.0, ge=0, description="final learning rate of the cosine schedule")
+    """``type`` plus that schedule's own arguments as further keys (``eta_min``, ``step_size``, ``gamma``,
+    ``milestones``), checked against its signature."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    type: str = Field("cosine", description="learning-rate schedule, stepped once per epoch over `epochs - "
+                      "warmup_epochs` (cosine: T_max); the arguments in brackets are further `lr_scheduler` keys")
+    warmup_epochs: int = Field(0, ge=0, description="epochs of linear warm-up before the schedule")
+    warmup_start_factor: float = Field(0.1, gt=0, le=1, description="warm-up starts at this share of each lr")
+
+    def schedule_kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class TrainConfig(Section):
-    model: str = Field(description="model from MODEL_REGISTRY (resnet20/32/44/56/110, vit, mlp)")
+    plugins: list[str] = Field(default_factory=list, description="Python files or module names imported before "
+                               "the rest is checked; what they register is valid here (paths recorded absolute)")
+    model: str = Field(description="model")
     epochs: int = Field(ge=1, description="training epochs (also the cosine T_max)", json_schema_extra=RUNTIME)
     batch_size: int = Field(ge=1, description="batch size per process")
     img_size: int = Field(32, ge=1, description="input resolution the data is resized to")
@@ -105,9 +136,9 @@ class TrainConfig(Section):
     optimizer: OptimizerConfig = Field(description="optimizer and its parameter groups")
     loss_terms: list[LossTermConfig] = Field(default_factory=list, description="regularisers added to the loss")
     lr_scheduler: SchedulerConfig = Field(
-        default_factory=SchedulerConfig, description="`cosine`, `constant`, or a mapping with `type` and `eta_min`"
+        default_factory=SchedulerConfig, description="a schedule name (shorthand for `{type: NAME}`) or a mapping"
     )
-    dataset: str = Field("cifar10", description="data set from DATASET_REGISTRY: cifar10 or digits")
+    dataset: str = Field("cifar10", description="data set")
     data_dir: str = Field("./data", description="where the data set lives or is downloaded to",
                           json_schema_extra=RUNTIME)
     seed: int = Field(42, description="seed for python, numpy, torch and the data order")
@@ -117,26 +148,31 @@ class TrainConfig(Section):
     run_name: str | None = Field(None, pattern=r"^[\w.=+-]+$", description="name of the run directory and W&B run; "
                                  "null: `<model>_<quantizer><bits>b_e<epochs>_lr<lr>` (+ `_gb<global batch>` under DDP)")
 
-    @field_validator("lr_scheduler", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def scheduler_shorthand(cls, value: Any) -> Any:
-        if value is None:
-            return {"type": "constant"}
-        return {"type": value} if isinstance(value, str) else value
+    def shorthands(cls, data: Any) -> Any:
+        """``quantizer: deadzone`` and ``lr_scheduler: cosine`` mean ``{name: deadzone}`` and ``{type: cosine}``;
+        a null scheduler is a constant learning rate."""
+        if isinstance(data, dict):
+            data = {**data, **{key: {field: data[key]} for key, field in SHORTHANDS.items()
+                               if isinstance(data.get(key), str)}}
+            if "lr_scheduler" in data and data["lr_scheduler"] is None:
+                data["lr_scheduler"] = {"type": "constant"}
+        return data
 
     @model_validator(mode="after")
     def known_names(self) -> TrainConfig:
-        check_choice("model", self.model, MODEL_REGISTRY)
-        check_choice("dataset", self.dataset, DATASET_REGISTRY)
+        MODEL_REGISTRY.choose("model", self.model)
+        DATASET_REGISTRY.choose("dataset", self.dataset)
+        OPTIMIZER_REGISTRY.choose("optimizer.type", self.optimizer.type)
         for index, term in enumerate(self.loss_terms):
-            check_choice(f"loss_terms.{index}.name", term.name, LOSS_REGISTRY)
-            term.kwargs = check_kwargs(f"loss_terms.{index}.kwargs", LOSS_REGISTRY[term.name], term.kwargs, skip=1)
+            loss = LOSS_REGISTRY.choose(f"loss_terms.{index}.name", term.name)
+            term.kwargs = check_kwargs(f"loss_terms.{index}.kwargs", loss, term.kwargs, skip=1)
+        schedule = SCHEDULER_REGISTRY.choose("lr_scheduler.type", self.lr_scheduler.type)
+        converted = check_kwargs("lr_scheduler", schedule, self.lr_scheduler.schedule_kwargs(), skip=3)
+        self.lr_scheduler = SchedulerConfig(type=self.lr_scheduler.type, warmup_epochs=self.lr_scheduler.warmup_epochs,
+                                            warmup_start_factor=self.lr_scheduler.warmup_start_factor, **converted)
         return self
-
-
-def check_choice(key: str, value: str, registry: dict[str, Any]) -> None:
-    if value not in registry:
-        raise ConfigError(key, f"unknown name {value!r}", f"choose one of: {', '.join(registry)}")
 
 
 def check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int = 0) -> dict[str, Any]:
@@ -182,6 +218,7 @@ def parse_overrides(overrides: list[str], data: dict[str, Any]) -> dict[str, Any
     """Apply ``key.path=value`` overrides (values parsed as YAML scalars) to the raw config."""
     for override in overrides:
         path, sep, text = override.partition("=")
+        path, text = path.strip(), text.strip()  # `--set "epochs = 3"`
         if not sep or not path or any(not part for part in path.split(".")):
             raise ConfigError("--set", f"malformed override {override!r}", "write it as --set key.path=value")
         try:
@@ -199,6 +236,8 @@ def parse_overrides(overrides: list[str], data: dict[str, Any]) -> dict[str, Any
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            if isinstance(child, str) and node is data and part in SHORTHANDS:  # `lr_scheduler: cosine`
+                child = node[part] = {SHORTHANDS[part]: child}
             if not isinstance(child, (dict, list)):
                 raise ConfigError(path, f"--set: {'.'.join(parents[:depth + 1])} is not a mapping", "set a leaf key")
             node = child
@@ -211,13 +250,39 @@ def parse_overrides(overrides: list[str], data: dict[str, Any]) -> dict[str, Any
     return data
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(str(key), f"given twice, on lines {seen[key]} and {line}",
+                                  "keep one of them (the YAML loader would silently use the last)")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing duplicate keys (ConfigError naming the key and both lines)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in YAML file ``path``.
+
+    Raises:
+        ConfigError: no such file (or a directory), unreadable, a syntax error, a duplicate key, or not a mapping.
+    """
     source = str(path)
     file = Path(path)
     if not file.is_file():
-        raise ConfigError("", "file not found", "pass an existing YAML file to --config", source)
+        problem = "is a directory" if file.is_dir() else "file not found"
+        raise ConfigError("", problem, "pass an existing YAML file to --config", source)
     try:
-        data = yaml.safe_load(file.read_text())
+        data = parse_yaml(file.read_text())
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError("", f"cannot read the file ({type(error).__name__})", "check its permissions and encoding",
                           source) from None
@@ -229,7 +294,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         raise ConfigError("", "the file is empty", "start from configs/quickstart.yaml", source)
     if not isinstance(data, dict):
-        raise ConfigError("", f"top level is a {type(data).__name__}, not a mapping", "write `key: value` lines", source)
+        raise ConfigError("", f"top level is a {type(data).__name__}, not a mapping", "write `key: value` lines",
+                          source)
     return data
 
 
@@ -246,7 +312,9 @@ def validation_error_to_config_error(error: ValidationError) -> ConfigError:
         return ConfigError(key, "unknown key", suggest(str(first["loc"][-1]), names))
     context = first.get("ctx", {})
     if "error" in context and isinstance(context["error"], ConfigError):
-        return context["error"]
+        inner = context["error"]
+        prefix = ".".join(str(part) for part in first["loc"])
+        return ConfigError(".".join(part for part in (prefix, inner.key) if part), inner.problem, inner.fix)
     field = field_at(first["loc"])
     about = f"{first['loc'][-1]} is {annotation_text(field.annotation)}: {field.description}" if field else ""
     if kind == "missing":
@@ -282,15 +350,20 @@ def section_class(parent: type[BaseModel], part: Any) -> type[BaseModel] | None:
     return None
 
 
-def validate_config(data: dict[str, Any], quantizers: dict[str, type]) -> TrainConfig:
-    """Build the typed config from raw YAML data, checking the quantizer against ``quantizers``."""
+def validate_config(data: dict[str, Any]) -> TrainConfig:
+    """Build the typed config from raw YAML data: import its plugins, then check every key and name.
+
+    Raises:
+        ConfigError: the first problem found, naming its key.
+    """
+    data = {**data, "plugins": import_plugins(data.get("plugins"))}
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as error:
         raise validation_error_to_config_error(error) from None
     if config.quantizer is not None:
-        check_choice("quantizer.name", config.quantizer.name, quantizers)
-        quantizer_cls = quantizers[config.quantizer.name]
+        quantizer_cls = QUANTIZER_REGISTRY.choose("quantizer.name", config.quantizer.name)
+        check_quantizer(config.quantizer.name, quantizer_cls)  # also entries put in with dict.update and the like
         kwargs = check_kwargs("quantizer.kwargs", quantizer_cls.__init__, config.quantizer.kwargs, skip=1)
         config.quantizer.kwargs = kwargs
         try:
@@ -308,11 +381,11 @@ def first_mentioned(message: str, names: Any) -> str | None:
     return min(positions, key=positions.get) if positions else None
 
 
-def load_config(path: str | Path, quantizers: dict[str, type], overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read, override and validate a config file; every problem raises a ConfigError naming the file."""
     try:
         data = parse_overrides(list(overrides or []), read_yaml(path))
-        return validate_config(data, quantizers)
+        return validate_config(data)
     except ConfigError as error:
         error.source = error.source or str(path)
         raise ConfigError(error.key, error.problem, error.fix, error.source) from None
@@ -356,12 +429,23 @@ def yaml_reference(model: type[BaseModel] = TrainConfig, prefix: str = "") -> li
             default = default.model_dump()
         default = default if default == "required" else f"`{default!r}`"
         type_name = annotation_text(field.annotation)
-        cells = [f"`{key}`", type_name, default, field.description or ""]
+        description = field.description or ""
+        if key in REGISTRIES:
+            description += f"; one of: {', '.join(choice_text(key, name) for name in REGISTRIES[key])}"
+        cells = [f"`{key}`", type_name, default, description]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         nested = section_class(model, name)
         if nested is not None:
             rows += yaml_reference(nested, key + ("[].") if "list" in type_name else key + ".")
     return rows
+
+
+def choice_text(key: str, name: str) -> str:
+    """A registry entry as the YAML reference lists it; a schedule with the arguments its config keys set."""
+    if key != "lr_scheduler.type":
+        return f"`{name}`"
+    arguments = list(inspect.signature(SCHEDULER_REGISTRY[name]).parameters)[3:]
+    return f"`{name}`" + (f" ({', '.join(arguments)})" if arguments else "")
 
 
 def markdown_reference() -> str:

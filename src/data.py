@@ -1,38 +1,71 @@
-"""Data sets: CIFAR-10 (torchvision, downloaded on first use) and scikit-learn's digits (shipped).
+"""Data sets: their registry, CIFAR-10 (torchvision, downloaded on first use) and scikit-learn's digits (shipped).
 
-Every builder returns a ``DatasetPair`` of train and validation ``Dataset`` objects whose
-items are ``(image [3, img_size, img_size] float tensor, label int)``.
+A data set is ``fn(data_dir: str, img_size: int) -> (train_dataset, val_dataset, num_classes)``
+whose items are ``(image: float tensor [3, img_size, img_size], label: int)``. A builder may
+declare ``num_classes`` up front (``DATASET_REGISTRY.register("name", num_classes=10)``), which
+lets ``--dry-run`` build the model without reading any data.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import pickle
 from collections.abc import Callable, Iterator, Sized
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from src.errors import RegistrationError
+from src.registry import Registry
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-@dataclass
-class DatasetPair:
+class DatasetPair(NamedTuple):
+    """What a data set builder returns: training and validation sets and the number of classes."""
+
     train: Dataset
     val: Dataset
-
-
-@dataclass
-class DatasetSpec:
-    """A data set builder ``build(data_dir, img_size) -> DatasetPair`` and its number of classes."""
-
-    build: Callable[..., DatasetPair]
     num_classes: int
+
+
+def check_dataset(name: str, builder: Any) -> None:
+    parameters = list(inspect.signature(builder).parameters) if callable(builder) else []
+    if parameters[:2] != ["data_dir", "img_size"]:
+        raise RegistrationError("data set", name, "does not take (data_dir, img_size)",
+                                "a data set is fn(data_dir: str, img_size: int) -> (train, val, num_classes)")
+
+
+DATASET_REGISTRY: Registry[Callable[..., DatasetPair]] = Registry("data set", check=check_dataset)
+
+
+def declared_classes(name: str) -> int | None:
+    """The number of classes data set ``name`` declares without loading, or None."""
+    return getattr(DATASET_REGISTRY[name], "num_classes", None)
+
+
+def load_dataset(name: str, data_dir: str, img_size: int) -> DatasetPair:
+    """Data set ``name`` built from ``data_dir`` at ``img_size``.
+
+    Raises:
+        ValueError: the builder returned something other than (train, val, num_classes), or a number of classes
+            other than the one it declares.
+        OSError, RuntimeError: the builder's own errors for missing or unreadable files.
+    """
+    result = DATASET_REGISTRY[name](data_dir, img_size)
+    if not (isinstance(result, tuple) and len(result) == 3 and isinstance(result[2], int)):
+        raise ValueError(f"data set {name!r} returned {type(result).__name__}, not (train, val, num_classes)")
+    pair = DatasetPair(*result)
+    declared = declared_classes(name)
+    if declared is not None and declared != pair.num_classes:
+        raise ValueError(f"data set {name!r} declares {declared} classes but returned {pair.num_classes}")
+    return pair
 
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -87,6 +120,7 @@ class CifarBatches(Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
+@DATASET_REGISTRY.register("cifar10", num_classes=10)
 def cifar10(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
     """CIFAR-10 from ``data_dir/cifar-10-batches-py``, downloaded there by torchvision when absent."""
     from torchvision import datasets, transforms
@@ -110,9 +144,11 @@ def cifar10(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
     return DatasetPair(
         CifarBatches(folder, CIFAR10_TRAIN_FILES, transforms.Compose([*augment, *resize, *normalize])),
         CifarBatches(folder, CIFAR10_TEST_FILES, transforms.Compose([*resize, *normalize])),
+        10,
     )
 
 
+@DATASET_REGISTRY.register("digits", num_classes=10)
 def digits(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
     """scikit-learn's 1,797 8x8 handwritten digits, upscaled to img_size, as 3 channels.
 
@@ -134,10 +170,8 @@ def digits(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
     return DatasetPair(
         TensorDataset(images[train_idx], labels[train_idx]),
         TensorDataset(images[val_idx], labels[val_idx]),
+        10,
     )
-
-
-DATASET_REGISTRY: dict[str, DatasetSpec] = {"cifar10": DatasetSpec(cifar10, 10), "digits": DatasetSpec(digits, 10)}
 
 
 class ResumableSampler(DistributedSampler):

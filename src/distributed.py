@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from src.config import ConfigError
+from src.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,14 @@ A quantized weight is stored as its integer codes c in [-Q, Q] (Q = 2^(b-1) - 1)
 b bits, little-endian bit order, packed into bytes; either every code (dense layout) or a bitmap of
 the non-zero positions followed by the non-zero codes only (sparse layout), whichever is smaller.
 It decodes as ``sign(c) * offset + step * c`` in the weight's dtype: bit for bit the quantizer's output.
+A quantizer without ``grid()`` (the optional part of the ``Quantizer`` interface) is stored as a
+codebook instead: its distinct values, and per weight the index of its value in ceil(log2(values)) bits.
 Every other tensor of the plain model is stored as it is. The file is a ``torch.save`` of plain types
 and tensors only, so ``torch.load(..., weights_only=True)`` reads it (no arbitrary unpickling):
 
-    {"format": "codeq-export", "version": 1, "config": <the run's config>,
-     "quantized": {state key: {shape, dtype, bits, step, offset, sparse, nonzero, start, mask_bytes, code_bytes}},
+    {"format": "codeq-export", "version": 2, "config": <the run's config>, "num_classes": int,
+     "quantized": {state key: {shape, dtype, bits, step, offset | codebook, sparse, nonzero, start, mask_bytes,
+                               code_bytes}},
      "codes": uint8 tensor, every layer's bytes back to back from its ``start``,
      "tensors": {dtype name: one flat tensor}, "tensor_index": {state key: [dtype name, start, shape]}}
 """
@@ -24,29 +27,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from src.checkpoint import CheckpointError, save_checkpoint
+from src.checkpoint import save_checkpoint
 from src.compression import (compressed_weight, inference_state, model_size, packed_code_bytes,
                              sparse_layout_is_smaller)
-from src.config import ConfigError
-from src.data import DATASET_REGISTRY
+from src.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError, ExportError
 from src.models import create_model
-from src.quantizer import levels
-from src.report import model_from_checkpoint, resolve_checkpoint
-from src.utils_quantization import latent_weight, quantizer_of
+from src.plugins import import_plugins
+from src.report import checkpoint_classes, model_from_checkpoint, resolve_checkpoint
+from src.utils_quantization import latent_weight, levels, quantizer_of
 
 FORMAT = "codeq-export"
-VERSION = 1
-EXIT_BAD_INPUT = 2
-
-
-class ExportError(ValueError):
-    pass
+VERSION = 2
 
 
 def pack_bits(values: Tensor, bits: int) -> Tensor:
     """Non-negative integers below 2**bits as a uint8 tensor of ceil(n * bits / 8) bytes."""
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    flat = ((values.reshape(-1, 1).to(torch.uint8) >> shifts) & 1).flatten()
+    flat = ((values.reshape(-1, 1).long() >> torch.arange(bits)) & 1).to(torch.uint8).flatten()
     flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
     return (flat.view(-1, 8) << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
 
@@ -63,7 +59,11 @@ def decode_weight(codes: Tensor, step: Tensor, offset: Tensor) -> Tensor:
 
 
 def layer_codes(module: nn.Module) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(integer codes, step, offset, bits) of a quantized module; they decode to its weight exactly."""
+    """(integer codes, step, offset, bits) of a quantized module; they decode to its weight exactly.
+
+    Raises:
+        ExportError: the quantizer has no ``grid()``, or its grid does not describe its output.
+    """
     quantizer = quantizer_of(module)
     if not hasattr(quantizer, "grid"):
         raise ExportError(f"quantizer {type(quantizer).__name__} has no grid(weight) method, so it cannot be exported")
@@ -79,27 +79,42 @@ def layer_codes(module: nn.Module) -> tuple[Tensor, Tensor, Tensor, int]:
     return codes, step, offset, bits
 
 
+def codebook_codes(weight: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(indices, codebook, bits): ``codebook[indices]`` is ``weight``; the codebook holds its distinct values in
+    ascending order and each index takes ``bits`` = ceil(log2(len(codebook))) bits (at least 1)."""
+    codebook, indices = torch.unique(weight.detach().cpu(), sorted=True, return_inverse=True)
+    return indices, codebook, max(1, (len(codebook) - 1).bit_length())
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def export_payload(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
-    """The exported file's content for ``model`` (quantizers attached) and its run config."""
+def export_payload(model: nn.Module, config: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """The exported file's content for ``model`` (quantizers attached), its run config and number of classes."""
     state = inference_state(model)
     quantized, chunks, start = {}, [], 0
     for name, module in model.named_modules():
         if quantizer_of(module) is None:
             continue
         key = f"{name}.weight" if name else "weight"
-        codes, step, offset, bits = layer_codes(module)
-        flat = codes.flatten()
-        nonzero = int(torch.count_nonzero(flat))
+        if hasattr(quantizer_of(module), "grid"):
+            codes, step, offset, bits = layer_codes(module)
+            flat, symbols_offset = codes.flatten(), levels(bits)
+            nonzero_mask = flat != 0
+            decoding = {"step": step.item(), "offset": offset.item(), "dtype": dtype_name(step.dtype)}
+        else:
+            weight = compressed_weight(module)
+            codes, codebook, bits = codebook_codes(weight)
+            flat, symbols_offset = codes.flatten(), 0
+            nonzero_mask = weight.detach().cpu().flatten() != 0
+            decoding = {"codebook": codebook.tolist(), "dtype": dtype_name(weight.dtype)}
+        nonzero = int(torch.count_nonzero(nonzero_mask))
         sparse = sparse_layout_is_smaller(flat.numel(), nonzero, bits)
-        mask = pack_bits(flat != 0, 1) if sparse else torch.empty(0, dtype=torch.uint8)
-        packed = pack_bits((flat[flat != 0] if sparse else flat) + levels(bits), bits)
+        mask = pack_bits(nonzero_mask, 1) if sparse else torch.empty(0, dtype=torch.uint8)
+        packed = pack_bits((flat[nonzero_mask] if sparse else flat) + symbols_offset, bits)
         assert mask.numel() + packed.numel() == packed_code_bytes(flat.numel(), nonzero, bits, sparse)
-        quantized[key] = {"shape": list(codes.shape), "dtype": dtype_name(step.dtype), "bits": bits,
-                          "step": step.item(), "offset": offset.item(), "sparse": sparse, "nonzero": nonzero,
+        quantized[key] = {"shape": list(codes.shape), "bits": bits, **decoding, "sparse": sparse, "nonzero": nonzero,
                           "start": start, "mask_bytes": mask.numel(), "code_bytes": packed.numel()}
         chunks += [mask, packed]
         start += mask.numel() + packed.numel()
@@ -112,7 +127,7 @@ def export_payload(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
         tensor_index[key] = [kind, offsets.get(kind, 0), list(tensor.shape)]
         offsets[kind] = offsets.get(kind, 0) + tensor.numel()
         flat_tensors.setdefault(kind, []).append(tensor.detach().cpu().reshape(-1))
-    return {"format": FORMAT, "version": VERSION, "config": config, "quantized": quantized,
+    return {"format": FORMAT, "version": VERSION, "config": config, "num_classes": num_classes, "quantized": quantized,
             "codes": torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8),
             "tensors": {kind: torch.cat(parts) for kind, parts in flat_tensors.items()},
             "tensor_index": tensor_index}
@@ -130,15 +145,20 @@ def decode_state(payload: dict[str, Any]) -> dict[str, Tensor]:
         mask_bytes = payload["codes"][begin:begin + layer["mask_bytes"]]
         code_bytes = payload["codes"][begin + layer["mask_bytes"]:begin + layer["mask_bytes"] + layer["code_bytes"]]
         count = layer["nonzero"] if layer["sparse"] else numel
-        values = unpack_bits(code_bytes, layer["bits"], count) - levels(layer["bits"])
-        if layer["sparse"]:
-            codes = torch.zeros(numel, dtype=torch.long)
-            codes[unpack_bits(mask_bytes, 1, numel).bool()] = values
-        else:
-            codes = values
         dtype = getattr(torch, layer["dtype"])
-        state[key] = decode_weight(codes.view(layer["shape"]), torch.tensor(layer["step"], dtype=dtype),
+        if "codebook" in layer:
+            symbols = unpack_bits(code_bytes, layer["bits"], count)
+            values = torch.tensor(layer["codebook"], dtype=dtype)[symbols]
+        else:
+            codes = unpack_bits(code_bytes, layer["bits"], count) - levels(layer["bits"])
+            values = decode_weight(codes, torch.tensor(layer["step"], dtype=dtype),
                                    torch.tensor(layer["offset"], dtype=dtype))
+        if layer["sparse"]:
+            weight = torch.zeros(numel, dtype=dtype)
+            weight[unpack_bits(mask_bytes, 1, numel).bool()] = values
+        else:
+            weight = values
+        state[key] = weight.view(layer["shape"])
     return state
 
 
@@ -158,15 +178,19 @@ def model_from_export(path: Path) -> nn.Module:
     """The plain (quantizer-free) model holding the exported weights; it computes what the fake-quantized one did."""
     payload = load_export(path)
     config = payload["config"]
-    model = create_model(config["model"], num_classes=DATASET_REGISTRY[config["dataset"]].num_classes,
-                         img_size=config["img_size"])
+    import_plugins(config.get("plugins"))
+    model = create_model(config["model"], num_classes=payload["num_classes"], img_size=config["img_size"])
     model.load_state_dict(decode_state(payload))
     return model.eval()
 
 
-def export_model(model: nn.Module, config: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Write ``model`` to ``out``, read it back and check every tensor decodes bit for bit."""
-    payload = export_payload(model, config)
+def export_model(model: nn.Module, config: dict[str, Any], num_classes: int, out: Path) -> dict[str, Any]:
+    """Write ``model`` to ``out``, read it back and check every tensor decodes bit for bit.
+
+    Raises:
+        ExportError: a layer cannot be encoded, or the written file does not decode to the model (then removed).
+    """
+    payload = export_payload(model, config, num_classes)
     save_checkpoint(payload, out)
     expected = inference_state(model)
     decoded = decode_state(load_export(out))
@@ -199,14 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = resolve_checkpoint(args.checkpoint)
     try:
-        model, config, _ = model_from_checkpoint(checkpoint)
-        export_model(model, config, args.out)
+        model, config, state = model_from_checkpoint(checkpoint)
+        export_model(model, config, checkpoint_classes(state, config["dataset"]), args.out)
     except ConfigError as error:
         print(error.line(), file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_CONFIG_ERROR
     except (CheckpointError, ExportError) as error:
         print(f"export error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_CONFIG_ERROR
     print("\n".join(size_lines(model, args.out, checkpoint)))
     return 0
 

@@ -1,14 +1,28 @@
-"""Model zoo: CIFAR ResNets (He et al. 2016, option-A shortcuts), timm's ViT-Tiny and an MLP.
+"""Model zoo and its registry: CIFAR ResNets (He et al. 2016, option-A shortcuts), timm's ViT-Tiny and an MLP.
 
-``create_model(name, num_classes, img_size)`` builds any entry of ``MODEL_REGISTRY``.
+A model is ``fn(num_classes: int, img_size: int) -> nn.Module``; ``create_model(name, num_classes,
+img_size)`` builds any entry of ``MODEL_REGISTRY``. A builder raises ValueError for an input size
+it cannot take (reported as a config error on ``img_size``).
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from src.errors import RegistrationError
+from src.registry import Registry
+
+
+def check_model(name: str, builder: Any) -> None:
+    parameters = inspect.signature(builder).parameters if callable(builder) else {}
+    if not {"num_classes", "img_size"} <= set(parameters):
+        raise RegistrationError("model", name, "does not take num_classes and img_size",
+                                "a model is fn(num_classes: int, img_size: int) -> nn.Module")
 
 
 class PadShortcut(nn.Module):
@@ -95,14 +109,18 @@ def mlp(num_classes: int, img_size: int, hidden: int = 256) -> nn.Module:
     )
 
 
-MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+MODEL_REGISTRY: Registry[Callable[..., nn.Module]] = Registry("model", {
     **{f"resnet{depth}": partial(cifar_resnet, depth) for depth in (20, 32, 44, 56, 110)},
     "vit": vit_tiny,
     "mlp": mlp,
-}
+}, check=check_model)
 
 
 def create_model(name: str, num_classes: int, img_size: int) -> nn.Module:
-    if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_REGISTRY)}")
-    return MODEL_REGISTRY[name](num_classes=num_classes, img_size=img_size)
+    """Model ``name`` of MODEL_REGISTRY for ``num_classes`` classes and ``img_size`` inputs.
+
+    Raises:
+        ConfigError: no such model.
+        ValueError: the model cannot take ``img_size``.
+    """
+    return MODEL_REGISTRY.choose("model", name)(num_classes=num_classes, img_size=img_size)

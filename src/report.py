@@ -17,17 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from src.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from src.checkpoint import load_checkpoint, load_model_state
 from src.compression import CompressionMonitor, as_rows, model_size, summary
-from src.config import ConfigError, validate_config
-from src.data import DATASET_REGISTRY
+from src.config import validate_config
+from src.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError
+from src.data import declared_classes
 from src.experiment import build_model
 
 log = logging.getLogger(__name__)
 
 METHOD_NAMES = {"deadzone": "CoDeQ", "uniform": "Uniform QAT"}
 SUMMARY_COLUMNS = ("Method", "Weights", "Pruning", "Acc (%)", "Rel. BOPs (%)")
-EXIT_BAD_INPUT = 2
 
 
 def method_name(config: dict[str, Any]) -> str:
@@ -216,14 +216,23 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """The model of a training checkpoint (quantizers attached), its config dict and the checkpoint."""
-    from run_training import QUANTIZER_REGISTRY  # imported here: run_training imports this module
+    """The model of a training checkpoint (quantizers attached), its config dict and the checkpoint. The config's
+    plugins are imported first.
 
+    Raises:
+        CheckpointError: not a readable checkpoint of this tool, or one of another model.
+        ConfigError: its config no longer validates (a plugin missing, say).
+    """
     checkpoint = load_checkpoint(path)
-    config = validate_config(checkpoint["config"], QUANTIZER_REGISTRY)
-    model, _ = build_model(config, DATASET_REGISTRY[config.dataset].num_classes, QUANTIZER_REGISTRY)
+    config = validate_config(checkpoint["config"])
+    model, _ = build_model(config, checkpoint_classes(checkpoint, config.dataset))
     load_model_state(model, checkpoint["model"], path)
     return model, checkpoint["config"], checkpoint
+
+
+def checkpoint_classes(checkpoint: dict[str, Any], dataset: str) -> int:
+    """The number of classes the checkpoint's model was built for."""
+    return checkpoint.get("num_classes") or declared_classes(dataset)
 
 
 def example_input(config: dict[str, Any]) -> Tensor:
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         report = checkpoint_report(args.path)
     except (CheckpointError, ConfigError) as error:
         print(error.line() if isinstance(error, ConfigError) else f"report error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_CONFIG_ERROR
     if args.out:
         write_report(report, args.out)
     print(render_markdown(report))

@@ -1,12 +1,28 @@
-"""Regularisers added to the task loss. Each is ``fn(model, **kwargs) -> Tensor``."""
+"""Regularisers added to the task loss, and their registry. Each is ``fn(model, **kwargs) -> Tensor`` (a 0-dim
+tensor on the model's device); a config's ``loss_terms`` entry adds ``lambda * fn(model, **kwargs)``.
+"""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from src.errors import RegistrationError
+from src.registry import Registry
 from src.utils_quantization import latent_weight
+
+
+def check_loss(name: str, fn: Any) -> None:
+    parameters = list(inspect.signature(fn).parameters.values()) if callable(fn) else []
+    if not parameters or parameters[0].kind not in (parameters[0].POSITIONAL_ONLY, parameters[0].POSITIONAL_OR_KEYWORD):
+        raise RegistrationError("loss term", name, "does not take the model as its first argument",
+                                "a loss term is fn(model, **kwargs) -> Tensor")
+
+
+LOSS_REGISTRY: Registry[Callable[..., Tensor]] = Registry("loss term", check=check_loss)
 
 
 def column_norm_sum(weight: Tensor) -> Tensor:
@@ -19,6 +35,7 @@ def column_norm_sum(weight: Tensor) -> Tensor:
     return torch.linalg.vector_norm(matrix, ord=2, dim=0).sum()
 
 
+@LOSS_REGISTRY.register()
 def group_lasso(model: nn.Module, lambda_linear: float, lambda_conv: float) -> Tensor:
     """Group lasso over input columns of every Linear and Conv2d, on the latent weights.
 
@@ -39,6 +56,3 @@ def group_lasso(model: nn.Module, lambda_linear: float, lambda_conv: float) -> T
     if total is None:
         return torch.zeros((), device=next(model.parameters()).device)
     return total
-
-
-LOSS_REGISTRY: dict[str, Callable[..., Tensor]] = {"group_lasso": group_lasso}

@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from src.config import ConfigError, TrainConfig, load_config, read_yaml, suggest
+from src.config import TrainConfig, load_config, read_yaml, suggest
+from src.errors import EXIT_CONFIG_ERROR, ConfigError
 from src.experiment import run_name
 
 SWEEP_KEYS = ("configs", "grid", "set", "name")
@@ -84,15 +85,15 @@ def read_sweep(path: str | Path) -> tuple[str, list[str], dict[str, list[Any]], 
     return name, configs, grid, string_list(data, "set", source)
 
 
-def expand(path: str | Path, quantizers: dict[str, type]) -> list[SweepTask]:
+def expand(path: str | Path) -> list[SweepTask]:
     """Every task of the sweep, each validated like ``run_training.py`` would (bad input raises ConfigError)."""
     name, configs, grid, shared = read_sweep(path)
     tasks = []
     combinations = itertools.product(configs, *grid.values())
     for index, (config_path, *values) in enumerate(combinations):
         overrides = shared + [override(key, value) for key, value in zip(grid, values)]
-        config: TrainConfig = load_config(config_path, quantizers, overrides)
-        label = "_".join([f"{name}_{index:02d}", run_name(config, quantizers),
+        config: TrainConfig = load_config(config_path, overrides)
+        label = "_".join([f"{name}_{index:02d}", run_name(config),
                           *(slug(key, value) for key, value in zip(grid, values))])
         tasks.append(SweepTask(config_path, overrides + [f"run_name={label}"]))
     return tasks
@@ -103,21 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="sweep YAML file")
     parser.add_argument("--task", type=int, help="print this task's arguments, one per line")
     args = parser.parse_args(argv)
-    from run_training import QUANTIZER_REGISTRY  # the registry lives in the entry point by contract
-
     try:
-        tasks = expand(args.sweep, QUANTIZER_REGISTRY)
+        tasks = expand(args.sweep)
     except ConfigError as error:
         error.source = error.source or args.sweep
         print(error.line(), file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     if args.task is None:
         print(len(tasks))
         return 0
     if not 0 <= args.task < len(tasks):
         print(f"sweep error: {args.sweep}: task {args.task} does not exist; it has tasks 0..{len(tasks) - 1}",
               file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     print("\n".join(tasks[args.task].arguments()))
     return 0
 

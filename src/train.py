@@ -7,26 +7,21 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from src.distributed import all_reduce_sum, is_main_process, sync_buffers
-from src.performance import StepSettings, is_compiled
+from src.errors import NonFiniteLossError
+from src.step_settings import StepSettings, is_compiled
 from src.utils_quantization import percentiles_selected_together, weights_quantized_once
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module], Tensor]
-
-
-class NonFiniteLossError(ArithmeticError):
-    """The training loss became NaN or infinite; the weights after that step are unusable."""
-
-    def __init__(self, epoch: int, step: int, value: float) -> None:
-        self.epoch, self.step, self.value = epoch, step, value
-        super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}")
+# A regulariser as the seed's train() takes it: the loss adds weight * fn(model, **kwargs).
+LossFnTriple = tuple[Callable[..., Tensor], float, dict[str, Any]]
 
 
 @dataclass
@@ -39,6 +34,8 @@ class EpochState:
     loss_sum: float = 0.0
     correct: float = 0.0
     count: int = 0
+    # The loss's parts: ``task_loss`` (the criterion) and ``loss_<name>`` (each weighted loss term).
+    part_sums: dict[str, float] = field(default_factory=dict)
 
 
 class Progress:
@@ -72,30 +69,40 @@ class Progress:
 
 
 class RunningMean:
-    """Sample-weighted running averages of loss and accuracy, kept on the device (no per-step sync)."""
+    """Sample-weighted running averages of loss, its parts and accuracy, kept on the device (no per-step sync)."""
 
     def __init__(self, device: torch.device, start: EpochState | None = None) -> None:
         start = start or EpochState()
+        self.device = device
         self.loss_sum = torch.tensor(start.loss_sum, device=device, dtype=torch.float64)
         self.correct = torch.tensor(start.correct, device=device, dtype=torch.float64)
+        self.part_sums = {name: torch.tensor(value, device=device, dtype=torch.float64)
+                          for name, value in start.part_sums.items()}
         self.count = start.count
 
-    def add(self, loss: Tensor, logits: Tensor, targets: Tensor) -> None:
+    def add(self, loss: Tensor, logits: Tensor, targets: Tensor, parts: dict[str, Tensor] | None = None) -> None:
         batch = targets.shape[0]
         self.loss_sum += loss.detach().double() * batch
         self.correct += (logits.detach().argmax(dim=1) == targets).sum()
+        for name, value in (parts or {}).items():
+            total = self.part_sums.setdefault(name, torch.zeros((), device=self.device, dtype=torch.float64))
+            total += value.detach().double() * batch
         self.count += batch
 
-    def totals(self) -> tuple[float, float, int]:
-        """(loss sum, correct predictions, samples) over every process."""
-        totals = torch.stack([self.loss_sum, self.correct, self.loss_sum.new_tensor(self.count)])
-        loss_sum, correct, count = all_reduce_sum(totals).tolist()
-        return loss_sum, correct, int(count)
+    def totals(self) -> EpochState:
+        """The sums over every process (``step`` left 0)."""
+        names = sorted(self.part_sums)
+        totals = torch.stack([self.loss_sum, self.correct, self.loss_sum.new_tensor(self.count),
+                              *(self.part_sums[name] for name in names)])
+        loss_sum, correct, count, *parts = all_reduce_sum(totals).tolist()
+        return EpochState(0, loss_sum, correct, int(count), dict(zip(names, parts)))
 
     def result(self) -> dict[str, float]:
-        """Averages over the samples of every process."""
-        loss_sum, correct, count = self.totals()
-        return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
+        """Averages over the samples of every process: ``loss``, ``acc`` and each part of the loss."""
+        totals = self.totals()
+        count = max(totals.count, 1)
+        return {"loss": totals.loss_sum / count, "acc": totals.correct / count,
+                **{name: value / count for name, value in totals.part_sums.items()}}
 
 
 def quantization_for(model: nn.Module) -> Callable[[nn.Module], contextlib.AbstractContextManager]:
@@ -122,15 +129,17 @@ def train(
     optimizer: torch.optim.Optimizer,
     epoch: int,
     device: torch.device | str,
-    loss_fns: Sequence[LossFn] | None = None,
+    loss_fns: Sequence[LossFnTriple] | None = None,
     log_interval: int = 50,
     state: EpochState | None = None,
     stop: Callable[[int], bool] | None = None,
     step_settings: StepSettings | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` for one epoch; the loss is criterion + sum of ``loss_fns(model)``.
+    """Train ``model`` for one epoch; the loss is ``criterion(output, target) + sum(weight * fn(model, **kwargs))``
+    over the ``(fn, weight, kwargs)`` triples of ``loss_fns``.
 
-    Returns the sample-averaged total ``loss`` and training accuracy ``acc``. A ``state`` with
+    Returns the sample-averaged total ``loss`` and training accuracy ``acc``; with loss terms also
+    ``task_loss`` (the criterion's part) and ``loss_<fn name>`` (each weighted term). A ``state`` with
     ``step > 0`` continues an interrupted epoch (``train_loader`` then yields only the batches
     after that step) and is updated in place on return; ``stop(step)`` is asked after every step
     and ends the epoch early when true. A NaN or infinite loss raises NonFiniteLossError, checked
@@ -153,22 +162,27 @@ def train(
         with step_settings.autocast(), quantization():
             logits = model(inputs)
             loss = criterion(logits, targets)
-        for loss_fn in loss_fns or ():
-            loss = loss + loss_fn(model)
+        parts = {"task_loss": loss} if loss_fns else {}
+        for index, (fn, weight, kwargs) in enumerate(loss_fns or ()):
+            term = weight * fn(model, **kwargs)
+            loss = loss + term
+            name = f"loss_{getattr(fn, '__name__', type(fn).__name__)}"
+            parts[name if name not in parts else f"{name}_{index}"] = term
         optimizer.zero_grad(set_to_none=True)
         step_settings.backward_and_step(loss, optimizer)
-        meter.add(loss, logits, targets)
+        meter.add(loss, logits, targets, parts)
         losses[step - first_step] = loss.detach()
         if progress.interactive or step % log_interval == 0 or step == progress.total:
             raise_if_nonfinite(losses[: step - first_step + 1], epoch, first_step)
-            progress.update(step, loss=loss.item())
+            progress.update(step, loss=loss.item(), **{name: value.item() for name, value in parts.items()})
         if stop is not None and stop(step):
             break
     progress.close()
     raise_if_nonfinite(losses[: step - first_step + 1], epoch, first_step)
     sync_buffers(model)
-    state.step = step
-    state.loss_sum, state.correct, state.count = meter.totals()
+    totals = meter.totals()
+    state.step, state.loss_sum, state.correct, state.count, state.part_sums = (
+        step, totals.loss_sum, totals.correct, totals.count, totals.part_sums)
     return meter.result()
 
 

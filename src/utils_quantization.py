@@ -1,4 +1,5 @@
-"""Attaching weight quantizers to a model as ``torch.nn.utils.parametrize`` parametrizations.
+"""Quantization building blocks: straight-through estimators, the uniform baseline quantizer, and
+attaching weight quantizers to a model as ``torch.nn.utils.parametrize`` parametrizations.
 
 After attachment ``module.weight`` is the fake-quantized weight, recomputed from the latent
 weight ``module.parametrizations.weight.original`` on access; the quantizer's own parameters
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -18,6 +20,78 @@ from torch.nn.utils import parametrize
 from src.percentile import robust_absmaxes
 
 log = logging.getLogger(__name__)
+# exclude_layers entries starting with this are regular expressions matched against the whole module name.
+REGEX_PREFIX = "re:"
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round() forward (to nearest, ties to even), identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def clamp_ste(x: Tensor, bound: Tensor | float) -> Tensor:
+    """clamp(-bound, bound) forward, identity backward."""
+    return x + (torch.clamp(x, -bound, bound) - x).detach()
+
+
+def relu_ste(x: Tensor) -> Tensor:
+    """relu() forward, identity backward."""
+    return x + (torch.relu(x) - x).detach()
+
+
+def levels(bits: Tensor | int) -> Tensor | int:
+    """Largest integer code Q = 2^(bits-1) - 1 of a symmetric signed quantizer with ``bits`` bits."""
+    return 2 ** (bits - 1) - 1
+
+
+class UniformSymmetric(nn.Module):
+    """Symmetric uniform quantizer: scale s = max|w| / Q, output s clip(round(w / s), -Q, Q), straight-through.
+
+    Args:
+        bitwidth: bits per weight (2..8); Q = 2^(bitwidth-1) - 1.
+
+    Raises:
+        ValueError: ``bitwidth`` out of range.
+    """
+
+    def __init__(self, bitwidth: int = 8) -> None:
+        super().__init__()
+        if not 2 <= bitwidth <= 8:
+            raise ValueError(f"bitwidth must be in 2..8, got {bitwidth}")
+        self.bitwidth = int(bitwidth)
+
+    def scale(self, weight: Tensor) -> Tensor:
+        # The clamp keeps an all-zero tensor at zero instead of 0/0.
+        return (weight.detach().abs().max() / levels(self.bitwidth)).clamp_min(torch.finfo(weight.dtype).tiny)
+
+    @torch.no_grad()
+    def grid(self, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(bits, step s, offset 0): ``weight`` quantizes to s c, c in [-Q, Q]."""
+        step = self.scale(weight)
+        return step.new_full((), float(self.bitwidth)), step, torch.zeros_like(step)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        step = self.scale(weight)
+        return step * clamp_ste(round_ste(weight / step), levels(self.bitwidth))
+
+    @torch.no_grad()
+    def stats(self, weight: Tensor) -> dict[str, float]:
+        return {"bits": float(self.bitwidth), "deadzone": 0.0, "step": float(self.scale(weight))}
+
+    def extra_repr(self) -> str:
+        return f"bitwidth={self.bitwidth}"
+
+
+def excluded(name: str, exclude_layers: Sequence[str]) -> bool:
+    """Whether module ``name`` stays FP32: an entry is a substring of it, or an entry ``re:PATTERN`` matches
+    all of it (``re:^(conv1|fc)$`` keeps the first and last layer of a ResNet in FP32)."""
+    for pattern in exclude_layers:
+        if pattern.startswith(REGEX_PREFIX):
+            if re.fullmatch(pattern[len(REGEX_PREFIX):], name):
+                return True
+        elif pattern in name:
+            return True
+    return False
 
 
 class FakeQuantParametrization(nn.Module):
@@ -55,14 +129,17 @@ def attach_weight_quantizers(
 ) -> list[str]:
     """Give every module owning a ``weight`` Parameter its own ``quantizer(**quantizer_kwargs)``.
 
-    A module is skipped when any string of ``exclude_layers`` is a substring of its name.
-    Returns the names of the quantized modules.
+    A module is skipped when any string of ``exclude_layers`` is a substring of its name, or when an
+    entry ``re:PATTERN`` matches its whole name (``excluded``). Returns the names of the quantized modules.
+
+    Raises:
+        re.error: an ``re:`` entry is not a valid regular expression.
     """
     attached, skipped = [], []
     for name, module in model.named_modules():
         if not owns_weight(module) or parametrize.is_parametrized(module, "weight"):
             continue
-        if any(pattern in name for pattern in exclude_layers):
+        if excluded(name, exclude_layers):
             skipped.append(name)
             continue
         # The quantizer's own parameters live where the weight does, also when the model was moved first.

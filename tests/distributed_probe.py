@@ -12,26 +12,24 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run_training import QUANTIZER_REGISTRY  # noqa: E402
 from src import distributed  # noqa: E402
 from src.compression import layer_stats, summary  # noqa: E402
 from src.config import load_config  # noqa: E402
-from src.data import DATASET_REGISTRY, build_loaders  # noqa: E402
-from src.experiment import build_loss_terms, build_model, build_optimizer, seed_everything  # noqa: E402
+from src.data import build_loaders, load_dataset  # noqa: E402
+from src.experiment import build_loss_terms, build_model, optimizer_for, seed_everything  # noqa: E402
 from src.train import train, validate  # noqa: E402
 
 
 def main(config_path: str, out_dir: str) -> None:
-    config = load_config(config_path, QUANTIZER_REGISTRY)
+    config = load_config(config_path)
     device = distributed.setup(torch.device("cpu"))
     rank = distributed.rank()
     seed_everything(config.seed + rank)  # DDP must make the replicas equal regardless
-    spec = DATASET_REGISTRY[config.dataset]
-    model, _ = build_model(config, spec.num_classes, QUANTIZER_REGISTRY)
-    optimizer = build_optimizer(model, config)
+    data = load_dataset(config.dataset, config.data_dir, config.img_size)
+    model, _ = build_model(config, data.num_classes)
+    optimizer = optimizer_for(model, config)
     loss_terms = build_loss_terms(config)
     criterion = nn.CrossEntropyLoss()
-    data = spec.build(config.data_dir, config.img_size)
     train_loader, val_loader = build_loaders(data, config.batch_size, 0, torch.Generator().manual_seed(config.seed),
                                              rank=rank, world_size=distributed.world_size())
     distributed.set_epoch(train_loader, 1)
@@ -40,7 +38,7 @@ def main(config_path: str, out_dir: str) -> None:
     out = Path(out_dir)
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
     report = {"train": train_metrics, "val": val_metrics, "compression": summary(layer_stats(model)),
-              "loss_terms": [float(term(model)) for term in loss_terms], "val_batches": len(val_loader)}
+              "loss_terms": [float(weight * fn(model, **kwargs)) for fn, weight, kwargs in loss_terms], "val_batches": len(val_loader)}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     distributed.teardown(finished=True)
 

@@ -85,11 +85,11 @@ CASES = {
     "learnable flag not a bool": (setting("quantizer.kwargs.learnable_bit", "maybe"), [],
                                   "quantizer.kwargs.learnable_bit", ["valid boolean"]),
     "unknown quantizer": (setting("quantizer.name", "ternary"), [], "quantizer.name",
-                          ["unknown name 'ternary'", "uniform, deadzone"]),
+                          ["unknown quantizer 'ternary'", "uniform, deadzone"]),
     "unknown quantizer kwarg": (setting("quantizer.kwargs.bits", 4), [], "quantizer.kwargs.bits",
                                 ["unknown argument", "DeadZoneLDZCompander takes"]),
     "unknown loss": (setting("loss_terms", [{"name": "l1"}]), [], "loss_terms.0.name",
-                     ["unknown name 'l1'", "group_lasso"]),
+                     ["unknown loss term 'l1'", "group_lasso"]),
     "unknown loss kwarg": (setting("loss_terms", [{**GROUP_LASSO, "kwargs": {**GROUP_LASSO["kwargs"], "lamda": 2}}]),
                            [], "loss_terms.0.kwargs.lamda", ["unknown argument", "group_lasso takes"]),
     "missing loss kwarg": (setting("loss_terms", [{**GROUP_LASSO, "kwargs": {"lambda_linear": 1e-4}}]), [],
@@ -99,10 +99,14 @@ CASES = {
                                 "loss_terms.0.kwargs.lambda_linear", ["valid number"]),
     "lambda not a number": (setting("loss_terms", [{**GROUP_LASSO, "lambda": "big"}]), [], "loss_terms.0.lambda",
                             ["valid number"]),
-    "unknown model": (setting("model", "resnet18"), [], "model", ["unknown name 'resnet18'", "resnet20", "vit"]),
-    "unknown dataset": (setting("dataset", "imagenet"), [], "dataset", ["unknown name", "cifar10, digits"]),
-    "unknown optimizer": (setting("optimizer.type", "lamb"), [], "optimizer.type", ["'adamw', 'adam' or 'sgd'"]),
-    "unknown scheduler": (setting("lr_scheduler", "step"), [], "lr_scheduler.type", ["'cosine' or 'constant'"]),
+    "unknown model": (setting("model", "resnet18"), [], "model", ["unknown model 'resnet18'", "resnet20", "vit"]),
+    "unknown dataset": (setting("dataset", "imagenet"), [], "dataset", ["unknown data set 'imagenet'", "cifar10, digits"]),
+    "unknown optimizer": (setting("optimizer.type", "lamb"), [], "optimizer.type",
+                          ["unknown optimizer 'lamb'", "adamw, adam, sgd"]),
+    "unknown scheduler": (setting("lr_scheduler", "exponential"), [], "lr_scheduler.type",
+                          ["unknown lr scheduler 'exponential'", "cosine, step, multistep, constant"]),
+    "scheduler argument of another schedule": (setting("lr_scheduler", {"type": "cosine", "gamma": 0.1}), [],
+                                               "lr_scheduler.gamma", ["unknown argument", "eta_min"]),
     "option the optimizer lacks": (setting("optimizer.param_groups.base.momentum", 0.9), [],
                                    "optimizer.param_groups.base.momentum", ["adamw has no option 'momentum'"]),
     "unknown device in file": (setting("device", "tpu"), [], "device", ["unknown device 'tpu'", "cuda:N"]),
@@ -114,7 +118,7 @@ CASES = {
                                 ["valid list"]),
     "exclude_layers numbers": (setting("quantizer.exclude_layers", [1, 2]), [], "quantizer.exclude_layers.0",
                                ["valid string"]),
-    "quantizer not a mapping": (setting("quantizer", "deadzone"), [], "quantizer", ["valid dictionary"]),
+    "quantizer not a mapping": (setting("quantizer", 5), [], "quantizer", ["valid dictionary"]),
     "--set unknown path": (None, ["--set", "optimizer.param_groups.dz.weight_decy=2.5"],
                            "optimizer.param_groups.dz.weight_decy", ["did you mean 'weight_decay'"]),
     "--set unknown top key": (None, ["--set", "epoch=3"], "epoch", ["did you mean 'epochs'"]),
@@ -182,14 +186,14 @@ def test_verbose_adds_the_traceback(tmp_path, capsys):
     assert run_training.main(["--config", str(path), "--verbose"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err
-    assert err.strip().splitlines()[-1].startswith(f"config error: {path}: model: unknown name 'resnet18'")
+    assert err.strip().splitlines()[-1].startswith(f"config error: {path}: model: unknown model 'resnet18'")
 
 
 def test_set_overrides_reach_the_resolved_config(tmp_path, capsys):
     """The resolved config (what config.yaml, the checkpoint and W&B record) carries the overrides."""
     path = write_config(tmp_path, quick_config(tmp_path, model="mlp"))
     overrides = ["optimizer.param_groups.dz.weight_decay=2.5", "quantizer.kwargs.fixed_bit_val=3", "seed=7"]
-    resolved = config_to_dict(load_config(path, run_training.QUANTIZER_REGISTRY, overrides))
+    resolved = config_to_dict(load_config(path, overrides))
     assert resolved["optimizer"]["param_groups"]["dz"]["weight_decay"] == 2.5
     assert resolved["quantizer"]["kwargs"]["fixed_bit_val"] == 3 and resolved["seed"] == 7
     assert run_training.main(["--config", str(path), "--dry-run", *(f"--set={item}" for item in overrides)]) == 0

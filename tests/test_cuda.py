@@ -1,4 +1,4 @@
-"""The GPU paths on a CUDA device: the percentile's topk method, the fused quantizer, and a compiled
+"""The GPU paths on a CUDA device: the percentile's topk method, the quantizer, and a compiled
 bf16 channels-last QAT run with its data held and augmented on the GPU, end to end.
 
 Skipped where no CUDA device exists (CI); the same code paths run on the CPU in the other test
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from conftest import quick_config, write_config
-from test_fast_quantizer import SETTINGS, fused_forward, reference_forward, run, weights
 from src.percentile import robust_absmax, robust_absmaxes
 from src.quantizer import DeadZoneLDZCompander
 
@@ -48,19 +47,25 @@ def test_gpu_percentiles_selected_together_are_the_cpu_percentiles():
         assert math.isnan(result) if math.isnan(expected) else torch.equal(result.cpu(), expected)
 
 
-@pytest.mark.parametrize("kind", ["conv", "conv_channels_last", "linear", "exact_zeros", "large"])
-def test_fused_quantizer_on_gpu_matches_the_plain_equations(kind):
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (256, 64), (70_000,)])
+def test_quantizer_on_gpu_matches_the_cpu(shape):
     generator = torch.Generator().manual_seed(3)
-    for logit_dz, logit_bit, (bits, max_bits, learn_bit, learn_dz) in SETTINGS[::5]:
-        quantizer = DeadZoneLDZCompander(bits, max_bits, logit_bit, logit_dz, learn_bit, learn_dz).to(CUDA)
-        weight = weights(kind, generator).to(CUDA)
-        upstream = torch.randn(weight.shape, generator=generator).to(CUDA)
-        fused = run(fused_forward, quantizer, weight, upstream)
-        plain = run(reference_forward, quantizer, weight, upstream)
-        assert torch.equal(fused[0], plain[0]) and torch.equal(fused[1], plain[1])
-        for ours, theirs in zip(fused[2:], plain[2:]):
-            if theirs is not None:
-                torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-6)
+    weight = torch.randn(shape, generator=generator) * 0.05
+    upstream = torch.randn(shape, generator=generator)
+    results = []
+    for device in ("cpu", CUDA):
+        quantizer = DeadZoneLDZCompander(4, 8, 1.5, 0.8).to(device)
+        latent = weight.to(device).requires_grad_()
+        output = quantizer(latent)
+        (output * upstream.to(device)).sum().backward()
+        results.append([output.detach().cpu(), latent.grad.cpu(), quantizer.logit_dz.grad.cpu(),
+                        quantizer.logit_bit.grad.cpu()])
+    (cpu_output, cpu_grad, cpu_dz, cpu_bit), (gpu_output, gpu_grad, gpu_dz, gpu_bit) = results
+    # nvcc may contract the output's multiply-add into one FMA: equal up to one rounding, not bit for bit.
+    torch.testing.assert_close(gpu_output, cpu_output, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gpu_dz, cpu_dz, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gpu_bit, cpu_bit, rtol=1e-4, atol=1e-6)
 
 
 def test_compiled_bf16_channels_last_qat_run_on_gpu(tmp_path):

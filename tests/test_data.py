@@ -92,4 +92,4 @@ def test_digits_split_and_shapes(tmp_path):
 
 
 def test_registry_classes():
-    assert {name: spec.num_classes for name, spec in DATASET_REGISTRY.items()} == {"cifar10": 10, "digits": 10}
+    assert {name: builder.num_classes for name, builder in DATASET_REGISTRY.items()} == {"cifar10": 10, "digits": 10}

@@ -8,7 +8,7 @@ from torch.utils.data import BatchSampler
 from conftest import quick_config, write_config
 from src.data import CIFAR10_MEAN, CIFAR10_STD, DatasetPair, ResumableSampler
 from src.device_data import DeviceLoader, cifar_on_device, device_loaders, random_crop, random_flip
-from src.performance import StepSettings
+from src.step_settings import StepSettings
 
 # The device-side pipeline on every device present (the GPU one where CUDA exists).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -73,7 +73,7 @@ def normalized(images: np.ndarray) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_loaders_follow_the_sampler_and_normalise_like_torchvision(device):
-    pair = DatasetPair(FakeCifar(50, 0), FakeCifar(20, 1))
+    pair = DatasetPair(FakeCifar(50, 0), FakeCifar(20, 1), 10)
     train, val = device_loaders("cifar10", pair, 32, 8, torch.device(device), seed=3)
     train.sampler.set_epoch(2)
     expected_order = epoch_order(pair.train, 2, 3)
@@ -96,7 +96,7 @@ def epoch_order(dataset, epoch: int, seed: int, batch_size: int = 8) -> list[lis
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_batches_are_augmented_crops_of_the_right_images(device):
-    pair = DatasetPair(FakeCifar(16, 0), FakeCifar(4, 1))
+    pair = DatasetPair(FakeCifar(16, 0), FakeCifar(4, 1), 10)
     train, _ = device_loaders("cifar10", pair, 32, 16, torch.device(device), seed=0)
     train.sampler.set_epoch(0)
     (inputs, _), = list(train)
@@ -128,7 +128,7 @@ def shift_of_close(crop: torch.Tensor, image: torch.Tensor) -> tuple[int, int, b
 
 
 def test_resumed_epoch_draws_the_same_batches():
-    pair = DatasetPair(FakeCifar(40, 0), FakeCifar(4, 1))
+    pair = DatasetPair(FakeCifar(40, 0), FakeCifar(4, 1), 10)
     whole, _ = device_loaders("cifar10", pair, 32, 8, torch.device("cpu"), seed=9)
     whole.sampler.set_epoch(1)
     full = list(whole)

@@ -10,10 +10,9 @@ import torch.distributed as dist
 from conftest import ROOT, quick_config, write_config
 from torch import nn
 
-from run_training import QUANTIZER_REGISTRY
 from src import distributed
 from src.config import load_config
-from src.data import DATASET_REGISTRY, build_loaders
+from src.data import build_loaders, load_dataset
 from src.experiment import build_model
 from src.train import validate
 
@@ -71,8 +70,8 @@ def test_replicas_stay_identical_and_sharded_validation_equals_one_process(tmp_p
     assert states[0].keys() == states[1].keys()
     for key in states[0]:  # weights, logit_dz / logit_bit, BatchNorm statistics
         assert torch.equal(states[0][key], states[1][key]), key
-    config = load_config(config_path, QUANTIZER_REGISTRY)
-    fresh, _ = build_model(config, 10, QUANTIZER_REGISTRY)
+    config = load_config(config_path)
+    fresh, _ = build_model(config, 10)
     for key, value in fresh.state_dict().items():
         if "logit_dz" in key or "logit_bit" in key:
             assert not torch.equal(value, states[0][key]), f"{key} did not learn"
@@ -82,7 +81,7 @@ def test_replicas_stay_identical_and_sharded_validation_equals_one_process(tmp_p
     assert reports[0]["compression"] == reports[1]["compression"]
 
     fresh.load_state_dict(states[0])
-    data = DATASET_REGISTRY[config.dataset].build(config.data_dir, config.img_size)
+    data = load_dataset(config.dataset, config.data_dir, config.img_size)
     _, val_loader = build_loaders(data, config.batch_size, 0, torch.Generator().manual_seed(0))
     assert reports[0]["val_batches"] + reports[1]["val_batches"] == len(val_loader)
     torch.set_num_threads(1)  # as in the workers

@@ -6,7 +6,7 @@ import pytest
 
 import run_training
 from conftest import quick_config, write_config
-from src.data import DATASET_REGISTRY, DatasetSpec
+from src.data import DATASET_REGISTRY
 
 GROUP_LASSO = {"name": "group_lasso", "lambda": 0.5, "kwargs": {"lambda_linear": 1e-4, "lambda_conv": 2e-4}}
 
@@ -19,10 +19,11 @@ def dry_run(tmp_path, capsys, caplog, *extra, **overrides):
 
 
 def test_dry_run_summarises_and_touches_nothing(tmp_path, capsys, caplog, monkeypatch):
-    def no_data(*args, **kwargs):
+    def no_data(data_dir, img_size):
         raise AssertionError("--dry-run loaded data")
 
-    monkeypatch.setitem(DATASET_REGISTRY, "digits", DatasetSpec(no_data, 10))
+    no_data.num_classes = 10
+    monkeypatch.setitem(DATASET_REGISTRY, "digits", no_data)
     code, out = dry_run(tmp_path, capsys, caplog, loss_terms=[GROUP_LASSO])
 
     assert code == 0
@@ -40,24 +41,26 @@ def test_dry_run_summarises_and_touches_nothing(tmp_path, capsys, caplog, monkey
     assert f"lr={groups['base']['lr']} weight_decay={groups['base']['weight_decay']}" in base
     assert dz.split()[1:5] == ["20", "tensors", "20", "values"] and f"weight_decay={groups['dz']['weight_decay']}" in dz
     assert "loss terms: 0.5 * group_lasso(lambda_linear=0.0001, lambda_conv=0.0002)" in lines
-    assert "scheduler:  cosine over 1 epochs to 0" in lines
+    assert "scheduler:  cosine over 1 epochs" in lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
-def test_dry_run_points_at_an_existing_checkpoint(tmp_path, capsys, caplog):
+def test_dry_run_refuses_what_a_real_start_refuses_in_a_directory_with_a_checkpoint(tmp_path, capsys, caplog):
     run_dir = tmp_path / "runs" / "mlp_baseline_e1_lr0.003"
     run_dir.mkdir(parents=True)
     (run_dir / "last.pt").write_bytes(b"")
-    code, out = dry_run(tmp_path, capsys, caplog, model="mlp", quantizer=None)
-    assert code == 0
-    assert f"run dir:    {run_dir} (holds last.pt: start with --resume auto to continue it)" in out
-    assert "quantizer:  none (FP32 baseline)" in out
+    path = write_config(tmp_path, quick_config(tmp_path, model="mlp", quantizer=None))
+    assert run_training.main(["--config", str(path), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"save_dir: {run_dir} already holds a checkpoint (last.pt); pass --resume auto" in captured.err
 
 
 def test_logit_parameters_without_a_group_join_base_with_a_notice(tmp_path, capsys, caplog):
     config = quick_config(tmp_path, model="mlp")
     config["quantizer"]["kwargs"].update(learnable_bit=True)
-    del config["optimizer"]["param_groups"]["dz"], config["optimizer"]["param_groups"]["bit"]
+    del config["optimizer"]["param_groups"]["dz"]
+    assert "bit" not in config["optimizer"]["param_groups"]
     path = write_config(tmp_path, config)
     with caplog.at_level(logging.INFO):
         assert run_training.main(["--config", str(path), "--dry-run"]) == 0

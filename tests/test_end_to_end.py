@@ -15,7 +15,7 @@ QUANTIZERS = {
     "deadzone": {"name": "deadzone", "kwargs": {"fixed_bit_val": 4, "learnable_bit": True}, "exclude_layers": ["bn"]},
     "uniform": {"name": "uniform", "kwargs": {"bitwidth": 8}, "exclude_layers": ["bn"]},
 }
-RUN_NAMES = {"baseline": "resnet20_baseline_e1_lr0.003", "deadzone": "resnet20_deadzone4b_e1_lr0.003",
+RUN_NAMES = {"baseline": "resnet20_baseline_e1_lr0.003", "deadzone": "resnet20_deadzone8b_e1_lr0.003",
              "uniform": "resnet20_uniform8b_e1_lr0.003"}
 
 

@@ -8,15 +8,13 @@ from src.config import config_to_dict, validate_config
 from src.experiment import build_model
 from src.export import export_model, load_export, main, model_from_export, pack_bits, unpack_bits
 
-REGISTRY = run_training.QUANTIZER_REGISTRY
-
 
 def quantized_model(tmp_path, **quantizer):
     """resnet20 at 16 px with per-layer dead zones and bit-widths spread out, and its config dict."""
     config = quick_config(tmp_path)
     config["quantizer"].update(quantizer)
-    resolved = config_to_dict(validate_config(config, REGISTRY))
-    model, attached = build_model(validate_config(config, REGISTRY), 10, REGISTRY)
+    resolved = config_to_dict(validate_config(config))
+    model, attached = build_model(validate_config(config), 10)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -37,7 +35,7 @@ def test_pack_bits_round_trips_every_width():
 def test_export_reproduces_fake_quantized_outputs_exactly(tmp_path):
     model, config = quantized_model(tmp_path, kwargs={"learnable_bit": True, "max_bits": 8})
     out = tmp_path / "model.codeq"
-    payload = export_model(model, config, out)
+    payload = export_model(model, config, 10, out)
     layers = payload["quantized"].values()
     assert {layer["sparse"] for layer in layers} == {True, False}  # both layouts are exercised
     assert len({layer["bits"] for layer in layers}) > 1
@@ -51,7 +49,7 @@ def test_export_reproduces_fake_quantized_outputs_exactly(tmp_path):
 def test_uniform_quantizer_exports_too(tmp_path):
     model, config = quantized_model(tmp_path, name="uniform", kwargs={"bitwidth": 3})
     out = tmp_path / "uniform.codeq"
-    export_model(model, config, out)
+    export_model(model, config, 10, out)
     inputs = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model_from_export(out)(inputs), model(inputs))
@@ -60,7 +58,7 @@ def test_uniform_quantizer_exports_too(tmp_path):
 def test_export_size_matches_the_size_accounting(tmp_path):
     model, config = quantized_model(tmp_path)
     out = tmp_path / "model.codeq"
-    payload = export_model(model, config, out)
+    payload = export_model(model, config, 10, out)
     size = model_size(model)
     others = sum(tensor.numel() * tensor.element_size() for tensor in payload["tensors"].values())
     assert payload["codes"].numel() + SCALE_BYTES * len(payload["quantized"]) + others == size.compressed_bytes

@@ -106,7 +106,7 @@ def test_missing_resume_file_is_a_command_line_error(finished_run, tmp_path, cap
     absent = tmp_path / "nowhere.pt"
     assert run_training.main(["--config", str(config_path), "--resume", str(absent)]) == 2
     assert last_error_line(capsys) == (f"config error: {config_path}: --resume: {absent} does not exist; "
-                                       f"pass an existing checkpoint file or `auto`")
+                                       f"pass a checkpoint, a run directory or `auto`")
 
 
 def test_missing_data_is_one_line_and_creates_no_run_directory(tmp_path, capsys):
@@ -127,8 +127,10 @@ def test_docs_list_the_exit_codes_and_run_time_keys():
     from src.config import runtime_keys
 
     text = (ROOT / "docs" / "robustness.md").read_text()
-    codes = {name: getattr(run_training, name) for name in dir(run_training) if name.startswith("EXIT_")}
-    assert sorted(codes.values()) == [0, 1, 2, 3]
+    from src import errors
+
+    codes = {name: getattr(errors, name) for name in dir(errors) if name.startswith("EXIT_")}
+    assert sorted(codes.values()) == [0, 1, 2, 3, 130]
     for name, code in codes.items():
         assert f"`{name}`" in text and f"\n| {code} |" in text
     [listed] = re.findall(r"run-time keys\s*\(([^)]*)\)", text)

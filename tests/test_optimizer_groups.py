@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from conftest import quick_config
-from run_training import QUANTIZER_REGISTRY
 from src.config import validate_config
-from src.experiment import build_model, build_optimizer, build_scheduler, run_name
+from src.experiment import build_model, optimizer_for, run_name, scheduler_for
 
 
 def build(tmp_path, **overrides):
-    config = validate_config(quick_config(tmp_path, **overrides), QUANTIZER_REGISTRY)
-    model, _ = build_model(config, 10, QUANTIZER_REGISTRY)
-    return config, model, build_optimizer(model, config)
+    config = validate_config(quick_config(tmp_path, **overrides))
+    model, _ = build_model(config, 10)
+    return config, model, optimizer_for(model, config)
 
 
 def groups_by_name(optimizer):
@@ -104,19 +103,22 @@ def test_baseline_with_quantizer_groups_warns(tmp_path, caplog):
 
 @pytest.mark.parametrize("quantizer,expected", [
     (None, "resnet20_baseline_e1_lr0.003"),
-    ({"name": "deadzone", "kwargs": {"fixed_bit_val": 3}}, "resnet20_deadzone3b_e1_lr0.003"),
-    ({"name": "deadzone", "kwargs": {}}, "resnet20_deadzone4b_e1_lr0.003"),
+    ({"name": "deadzone", "kwargs": {"fixed_bit_val": 3, "learnable_bit": False}}, "resnet20_deadzone3b_e1_lr0.003"),
+    ({"name": "deadzone", "kwargs": {"learnable_bit": False}}, "resnet20_deadzone4b_e1_lr0.003"),
+    # A learned bit-width is named by its ceiling: runs with max_bits 6 and 8 get different names.
+    ({"name": "deadzone", "kwargs": {"fixed_bit_val": 3}}, "resnet20_deadzone8b_e1_lr0.003"),
+    ({"name": "deadzone", "kwargs": {"max_bits": 6}}, "resnet20_deadzone6b_e1_lr0.003"),
     ({"name": "uniform", "kwargs": {"bitwidth": 6}}, "resnet20_uniform6b_e1_lr0.003"),
     ({"name": "uniform"}, "resnet20_uniform8b_e1_lr0.003"),
 ])
 def test_run_name(tmp_path, quantizer, expected):
-    config = validate_config(quick_config(tmp_path, quantizer=quantizer), QUANTIZER_REGISTRY)
-    assert run_name(config, QUANTIZER_REGISTRY) == expected
+    config = validate_config(quick_config(tmp_path, quantizer=quantizer))
+    assert run_name(config) == expected
 
 
 def test_cosine_schedule_anneals_over_epochs(tmp_path):
     config, _, optimizer = build(tmp_path, epochs=4)
-    scheduler = build_scheduler(optimizer, config)
+    scheduler = scheduler_for(optimizer, config)
     lrs = []
     for _ in range(4):
         lrs.append(optimizer.param_groups[0]["lr"])

@@ -14,3 +14,8 @@ def test_readme_starts_with_the_two_commands():
     assert lines[1].startswith("make quickstart") and lines[2].startswith("make test")
     makefile = (ROOT / "Makefile").read_text()
     assert "\nquickstart:" in makefile and "\ntest:" in makefile
+
+
+def test_readme_shows_the_example_plugin_the_tests_run():
+    readme = (ROOT / "README.md").read_text()
+    assert "```python\n" + (ROOT / "examples" / "my_parts.py").read_text() + "```" in readme

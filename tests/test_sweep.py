@@ -3,7 +3,6 @@ import pytest
 import yaml
 from conftest import quick_config, write_config
 
-from run_training import QUANTIZER_REGISTRY
 from src.config import ConfigError, load_config
 from src.sweep import expand, main
 
@@ -21,10 +20,10 @@ def test_grid_times_configs_gives_one_task_per_combination_with_distinct_run_nam
                         grid={"optimizer.param_groups.dz.weight_decay": [1.0, 3.0],
                               "optimizer.param_groups.base.betas": [[0.9, 0.99]]},
                         set=["epochs=2"])
-    tasks = expand(sweep, QUANTIZER_REGISTRY)
+    tasks = expand(sweep)
     assert len(tasks) == 4
     assert [task.config for task in tasks] == [str(first)] * 2 + [str(second)] * 2
-    configs = [load_config(task.config, QUANTIZER_REGISTRY, task.overrides) for task in tasks]
+    configs = [load_config(task.config, task.overrides) for task in tasks]
     assert [c.optimizer.param_groups.dz.weight_decay for c in configs] == [1.0, 3.0, 1.0, 3.0]
     assert all(c.optimizer.param_groups.base.betas == (0.9, 0.99) and c.epochs == 2 for c in configs)
     names = [c.run_name for c in configs]
@@ -63,7 +62,7 @@ def test_bad_sweep_files_fail_before_submission_with_one_line(tmp_path, capsys, 
     content = yaml.safe_load(yaml.safe_dump(content, sort_keys=False).replace("CONFIG", config))
     sweep = write_sweep(tmp_path, **content)
     with pytest.raises(ConfigError) as error:
-        expand(sweep, QUANTIZER_REGISTRY)
+        expand(sweep)
     assert message in error.value.line()
     assert main([str(sweep)]) == 2
     output = capsys.readouterr()

@@ -1,25 +1,19 @@
-"""How a training or validation step runs on its device: autocast precision, memory format, compilation
-and the process's memory allocator.
+"""How a training or validation step runs on its device: autocast precision, memory format, compilation.
 
 ``StepSettings`` carries the config keys ``amp`` and ``channels_last`` into ``train`` and
 ``validate``. Autocast covers the forward pass and the criterion only: the latent weights, the
 fake-quantizers (their percentile and rounding run in FP32 whatever the autocast dtype, since
 autocast leaves elementwise and selection ops alone), the loss terms and the optimizer stay FP32.
-``is_compiled`` tells ``train`` whether the model quantizes inside a compiled graph, and
-``keep_freed_memory`` is the allocator setting training runs make.
+``is_compiled`` tells ``train`` whether the model quantizes inside a compiled graph.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 
 import torch
 from torch import Tensor, nn
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-LARGEST_MMAP_THRESHOLD = 32 << 20
 
 
 class StepSettings:
@@ -64,20 +58,3 @@ class StepSettings:
 def is_compiled(model: nn.Module) -> bool:
     """True when ``model`` is, or wraps (as DistributedDataParallel does), what ``torch.compile`` returns."""
     return any(isinstance(module, torch._dynamo.eval_frame.OptimizedModule) for module in model.modules())
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for the next allocation instead of returning it to the system.
-
-    By default glibc maps every allocation above an adaptive threshold (128 KiB to 32 MiB) afresh and unmaps it
-    on free, and trims the heap when its top is free, so each CPU training step page-faults its activations
-    and weight gradients anew. Kept, they are reused: a ResNet-18 step at 224 px (2 CPU threads) went from
-    ~2.15 s to ~2.0 s, FP32 and QAT alike (docs/benchmarks.md). Process-wide, so the command line sets it, not
-    the library. Returns False where the C library has no such settings (macOS, musl).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -1,0 +1,61 @@
+"""Every exception a user can meet and the exit code each one ends a command with.
+
+Commands (``run_training.py``, ``python -m src.report``, ``src.export``, ``src.sweep``) print an
+error's one line and exit with its code; ``--verbose`` adds the traceback.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the run started but could not go on: non-finite loss, unusable checkpoint, missing data
+EXIT_CONFIG_ERROR = 2  # bad config, command line or input file; nothing was loaded or written
+EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: a checkpoint was written; resume with --resume auto
+EXIT_INTERRUPTED = 130  # Ctrl-C (the shell's 128 + SIGINT): a checkpoint was written; resume with --resume auto
+
+
+class ConfigError(ValueError):
+    """A bad config value: ``key`` is the dotted path, ``fix`` tells the user what to do."""
+
+    def __init__(self, key: str, problem: str, fix: str, source: str = "") -> None:
+        self.key, self.problem, self.fix, self.source = key, problem, fix, source
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        key = f"{self.key}: " if self.key else ""
+        return f"config error: {where}{key}{self.problem}; {self.fix}"
+
+
+class RegistrationError(ConfigError):
+    """A quantizer, model, loss term, data set, optimizer or scheduler that does not fit its registry's interface."""
+
+    def __init__(self, kind: str, name: str, problem: str, fix: str) -> None:
+        super().__init__(f"{kind} {name!r}", problem, fix)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and what to do."""
+
+
+class ExportError(ValueError):
+    """A model or file that cannot be exported or read back; the message says which and why."""
+
+
+class RunFailure(RuntimeError):
+    """A fault that ends a started run; its message is the one line the user sees."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; the checkpoint to resume from has been written at ``epoch`` (1-based, the one in
+    progress) after ``step`` of its steps."""
+
+    def __init__(self, signal_name: str | None, epoch: int, step: int) -> None:
+        self.signal_name, self.epoch, self.step = signal_name, epoch, step
+        super().__init__(f"{signal_name}: checkpoint written at epoch {epoch} step {step}; resume with --resume auto")
+
+
+class NonFiniteLossError(ArithmeticError):
+    """The training loss became NaN or infinite; the weights after that step are unusable."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        self.epoch, self.step, self.value = epoch, step, value
+        super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}")

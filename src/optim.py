@@ -1,0 +1,175 @@
+"""Optimizers and learning-rate schedules: their registries and the builders that apply a config.
+
+Parameters fall into three groups by name (the seed's design): ``*logit_dz*`` -> ``dz``,
+``*logit_bit*`` -> ``bit``, the rest -> ``base``; each group has its own lr and weight decay.
+
+A schedule is ``fn(base_lr, epoch, epochs, **kwargs) -> lr``, the learning rate of the epoch
+after ``epoch`` completed ones. Being a pure function of the epoch count, it also tells a resumed
+run whose ``epochs`` grew what the added epochs' rates are: those of a fresh run that long.
+``build_scheduler`` adds the linear warm-up every schedule shares (``warmup_epochs``) and steps
+once per epoch.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from src.errors import ConfigError, RegistrationError
+from src.registry import Registry
+
+log = logging.getLogger(__name__)
+
+GROUP_MARKERS = {"dz": "logit_dz", "bit": "logit_bit"}
+GROUPS = ("base", *GROUP_MARKERS)
+# Devices whose fused optimizer kernels update a whole group in one call. On 2 CPU threads ResNet-20's AdamW step
+# takes 0.3 ms fused against 1.8 ms in torch's per-parameter loop, where each of the quantizers' 40 scalar
+# parameters costs as much as a weight tensor.
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+
+
+def check_optimizer(name: str, cls: Any) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise RegistrationError("optimizer", name, f"{cls!r} is not a torch.optim.Optimizer class",
+                                "register a class that takes (param_groups, **options)")
+
+
+OPTIMIZER_REGISTRY: Registry[type[torch.optim.Optimizer]] = Registry(
+    "optimizer", {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD},
+    check=check_optimizer)
+
+
+def check_schedule(name: str, fn: Any) -> None:
+    parameters = list(inspect.signature(fn).parameters) if callable(fn) else []
+    if parameters[:3] != ["base_lr", "epoch", "epochs"]:
+        raise RegistrationError("lr scheduler", name, "does not take (base_lr, epoch, epochs, **kwargs)",
+                                "a schedule is fn(base_lr, epoch, epochs, **kwargs) -> learning rate")
+
+
+SCHEDULER_REGISTRY: Registry[Callable[..., float]] = Registry("lr scheduler", check=check_schedule)
+
+
+@SCHEDULER_REGISTRY.register()
+def cosine(base_lr: float, epoch: int, epochs: int, eta_min: float = 0.0) -> float:
+    """Cosine annealing from ``base_lr`` to ``eta_min`` over ``epochs`` (torch's CosineAnnealingLR, T_max=epochs)."""
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * min(epoch, epochs) / epochs)) / 2
+
+
+@SCHEDULER_REGISTRY.register()
+def step(base_lr: float, epoch: int, epochs: int, step_size: int = 30, gamma: float = 0.1) -> float:
+    """``base_lr`` times ``gamma`` after every ``step_size`` epochs (torch's StepLR)."""
+    return base_lr * gamma ** (epoch // step_size)
+
+
+@SCHEDULER_REGISTRY.register()
+def multistep(base_lr: float, epoch: int, epochs: int, milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+    """``base_lr`` times ``gamma`` at each epoch in ``milestones`` (torch's MultiStepLR)."""
+    return base_lr * gamma ** sum(epoch >= milestone for milestone in milestones)
+
+
+@SCHEDULER_REGISTRY.register()
+def constant(base_lr: float, epoch: int, epochs: int) -> float:
+    """``base_lr`` throughout."""
+    return base_lr
+
+
+def warmed_up(schedule: Callable[..., float], base_lr: float, epoch: int, epochs: int, warmup_epochs: int,
+              warmup_start_factor: float, **kwargs: Any) -> float:
+    """The learning rate after ``epoch`` completed epochs: a linear ramp from ``warmup_start_factor * base_lr`` over
+    ``warmup_epochs``, then ``schedule`` over the remaining ``epochs - warmup_epochs``."""
+    if epoch < warmup_epochs:
+        return base_lr * (warmup_start_factor + (1 - warmup_start_factor) * epoch / warmup_epochs)
+    return schedule(base_lr, epoch - warmup_epochs, max(epochs - warmup_epochs, 1), **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int, warmup_epochs: int = 0,
+                    warmup_start_factor: float = 0.1, **kwargs: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-epoch LambdaLR following ``SCHEDULER_REGISTRY[name]`` for each parameter group (its own base lr).
+
+    Raises:
+        ConfigError: unknown schedule name.
+    """
+    schedule = functools.partial(warmed_up, SCHEDULER_REGISTRY.choose("lr_scheduler.type", name), epochs=epochs,
+                                 warmup_epochs=warmup_epochs, warmup_start_factor=warmup_start_factor, **kwargs)
+
+    def factor(base_lr: float) -> Callable[[int], float]:
+        return lambda epoch: schedule(base_lr, epoch) / base_lr if base_lr else 0.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(group["lr"]) for group in optimizer.param_groups])
+
+
+def scheduled_learning_rates(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set every group's lr to what ``scheduler``'s schedule gives at its epoch count (after loading its state into
+    a scheduler built for more epochs: the checkpoint's optimizer holds the shorter schedule's rate)."""
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def group_of(parameter_name: str) -> str:
+    """``dz``, ``bit`` or ``base``: the optimizer group a parameter joins by its name."""
+    for group, marker in GROUP_MARKERS.items():
+        if marker in parameter_name:
+            return group
+    return "base"
+
+
+def fused_option(optimizer_cls: type[torch.optim.Optimizer], model: nn.Module) -> dict[str, bool]:
+    """``{"fused": True}`` where ``optimizer_cls`` has a fused kernel for the device ``model``'s parameters are on."""
+    devices = {parameter.device.type for parameter in model.parameters()}
+    fusable = "fused" in inspect.signature(optimizer_cls).parameters and devices <= set(FUSED_OPTIMIZER_DEVICES)
+    return {"fused": True} if fusable else {}
+
+
+def build_optimizer(model: nn.Module, optimizer_type: str, group_options: dict[str, dict[str, Any] | None]
+                    ) -> torch.optim.Optimizer:
+    """The 3-way optimizer: ``logit_dz`` -> dz, ``logit_bit`` -> bit, the rest -> base.
+
+    ``group_options`` maps each group to its optimizer options (lr, weight_decay, ...) or None. A
+    quantizer group without options joins ``base``; a configured group without trainable
+    parameters is left out with a warning. Every trainable parameter lands in
+    exactly one group. Build it after the model is on its device: the optimizer is fused there
+    when torch has the kernel.
+
+    Raises:
+        ConfigError: an unknown optimizer, or an option the optimizer does not take.
+    """
+    optimizer_cls = OPTIMIZER_REGISTRY.choose("optimizer.type", optimizer_type)
+    accepted = inspect.signature(optimizer_cls).parameters
+    for group, options in group_options.items():
+        for option in options or ():
+            if option not in accepted:  # torch would keep it in the group and silently ignore it
+                raise ConfigError(f"optimizer.param_groups.{group}.{option}", f"{optimizer_type} has no option "
+                                  f"{option!r}", "remove it or choose an optimizer type that takes it")
+    members: dict[str, list[nn.Parameter]] = {group: [] for group in GROUPS}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            members[group_of(name)].append(parameter)
+    groups = []
+    for group, params in members.items():
+        options = group_options.get(group)
+        if options is None:
+            if params:
+                log.info("no optimizer group %r configured: its %d parameters join 'base'", group, len(params))
+                members["base"].extend(params)
+            continue
+        if not params:
+            if group != "base":
+                log.warning("optimizer group %r is configured but the model has no %s parameters that train (no "
+                            "quantizer has them, or its learnable flag is off): the group is unused",
+                            group, GROUP_MARKERS[group])
+            continue
+        if group != "base" and options.get("lr") == 0:
+            log.warning("optimizer group %r has lr 0: its parameters will not learn", group)
+        groups.append({"params": params, "name": group, **options})
+    try:
+        return optimizer_cls(groups, **fused_option(optimizer_cls, model))
+    except (TypeError, ValueError) as error:
+        raise ConfigError("optimizer.param_groups", str(error), f"use options that {optimizer_type} takes") from None
+
