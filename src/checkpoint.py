@@ -25,11 +25,13 @@ REQUIRED_KEYS = ("format", "model", "optimizer", "scheduler", "epoch", "epoch_st
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to a temporary file beside ``path`` and rename it into place.
 
-    A crash mid-write leaves the previous checkpoint untouched.
+    A crash mid-write leaves the previous checkpoint untouched. The file's permissions follow the
+    umask, as any file the user writes (mkstemp alone would make it private, 0600).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
             file.flush()
@@ -38,6 +40,13 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -54,8 +54,9 @@ class Section(BaseModel):
             for name, field in cls.model_fields.items():
                 value = data.get(field.alias or name, data.get(name))
                 if isinstance(value, bool) and "bool" not in str(field.annotation):
-                    raise ValueError(f"{field.alias or name}: got the boolean {value!r} (YAML reads yes/no/on/off as "
-                                     f"booleans) where {annotation_text(field.annotation)} is expected")
+                    raise ConfigError(field.alias or name, f"got the boolean {value!r} where "
+                                      f"{annotation_text(field.annotation)} is expected (YAML reads yes/no/on/off as "
+                                      f"booleans)", "write a number")
         return data
 
 
@@ -145,8 +146,10 @@ class TrainConfig(Section):
     save_dir: str = Field("runs", description="run directories are created under it", json_schema_extra=RUNTIME)
     log_interval: int = Field(50, ge=1, description="steps between progress lines when stdout is not a terminal",
                               json_schema_extra=RUNTIME)
-    run_name: str | None = Field(None, pattern=r"^[\w.=+-]+$", description="name of the run directory and W&B run; "
-                                 "null: `<model>_<quantizer><bits>b_e<epochs>_lr<lr>` (+ `_gb<global batch>` under DDP)")
+    run_name: str | None = Field(None, description="name of the run directory and W&B run, a template over config "
+                                 "keys in braces, e.g. `\"{model}_dzwd{optimizer.param_groups.dz.weight_decay}\"`; "
+                                 "null: `<model>_<quantizer><bits>b_e<epochs>_lr<lr>` (+ `_gb<global batch>` under "
+                                 "DDP); the bits are max_bits when the bit-width is learned")
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +175,8 @@ class TrainConfig(Section):
         converted = check_kwargs("lr_scheduler", schedule, self.lr_scheduler.schedule_kwargs(), skip=3)
         self.lr_scheduler = SchedulerConfig(type=self.lr_scheduler.type, warmup_epochs=self.lr_scheduler.warmup_epochs,
                                             warmup_start_factor=self.lr_scheduler.warmup_start_factor, **converted)
+        if self.run_name is not None:
+            render_run_name(self.run_name, config_to_dict(self))
         return self
 
 
@@ -279,7 +284,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     source = str(path)
     file = Path(path)
     if not file.is_file():
-        problem = "is a directory" if file.is_dir() else "file not found"
+        problem = ("is a directory" if file.is_dir() else "is not a regular file" if file.exists() else
+                   "file not found")
         raise ConfigError("", problem, "pass an existing YAML file to --config", source)
     try:
         data = parse_yaml(file.read_text())
@@ -399,6 +405,31 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 def runtime_keys() -> list[str]:
     """Top-level keys marked RUNTIME: how a run executes, free to change when it resumes."""
     return [name for name, field in TrainConfig.model_fields.items() if (field.json_schema_extra or {}).get("runtime")]
+
+
+RUN_NAME_CHARACTERS = r"[\w.=+-]+"
+
+
+def render_run_name(template: str, resolved: dict[str, Any]) -> str:
+    """``template`` with each ``{dotted.key}`` replaced by that key's value in the resolved config.
+
+    Raises:
+        ConfigError: a placeholder names no config key, or the name holds characters a directory name should not.
+    """
+    flat = flatten(resolved)
+
+    def value(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in flat:
+            close = difflib.get_close_matches(key, list(flat), n=1)
+            raise ConfigError("run_name", f"{{{key}}} names no config key", (f"did you mean {{{close[0]}}}? " if close
+                              else "") + "placeholders are dotted keys such as {model} or {optimizer.type}")
+        return str(flat[key])
+
+    name = re.sub(r"\{([^{}]*)\}", value, template)
+    if not re.fullmatch(RUN_NAME_CHARACTERS, name):
+        raise ConfigError("run_name", f"{name!r} cannot be a directory name", "use letters, digits and _.=+- only")
+    return name
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

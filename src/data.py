@@ -11,6 +11,7 @@ import importlib
 import inspect
 import itertools
 import pickle
+import signal
 from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -211,6 +212,14 @@ class StridedBatchSampler:
         return len(range(self.rank, -(-self.size // self.batch_size), self.world_size))
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore the stop signals. Slurm's scancel, time limit and preemption signal every process of
+    the job, and Ctrl-C the whole foreground process group: a worker dying of it would end the run with a
+    DataLoader error instead of the main process's checkpoint. The main process shuts its workers down itself."""
+    for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def build_loaders(
     dataset: DatasetPair, batch_size: int, workers: int, generator: torch.Generator, pin_memory: bool = False,
     rank: int = 0, world_size: int = 1,
@@ -221,7 +230,8 @@ def build_loaders(
     every epoch); ``generator`` also seeds the loader's workers. With ``world_size`` > 1 each
     process gets its part, and a StridedBatchSampler splits validation.
     """
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                  worker_init_fn=ignore_stop_signals if workers else None)
     sampler = ResumableSampler(dataset.train, world_size, rank, seed=generator.initial_seed())
     train = DataLoader(dataset.train, batch_size, sampler=sampler, generator=generator, **common)
     if world_size == 1:

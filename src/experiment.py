@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.config import TrainConfig
+from src.config import TrainConfig, config_to_dict, render_run_name
 from src.errors import ConfigError
 from src.models import create_model
 from src.optim import GROUPS, build_optimizer, build_scheduler
@@ -49,11 +49,11 @@ def seed_everything(seed: int) -> None:
 
 
 def run_name(config: TrainConfig, world_size: int = 1) -> str:
-    """The config's ``run_name``, else ``<model>_<quantizer><bits>b_e<epochs>_lr<lr>`` (``<model>_baseline_...``
+    """The config's ``run_name`` template rendered (``render_run_name``), else ``<model>_<quantizer><bits>b_e<epochs>_lr<lr>`` (``<model>_baseline_...``
     without a quantizer; no ``<bits>b`` for a quantizer that names no bit-width). A multi-process run appends
     ``_gb<global batch>`` (batch_size is per process), so different global batches never share a directory."""
     if config.run_name is not None:
-        return config.run_name
+        return render_run_name(config.run_name, config_to_dict(config))
     lr = f"{config.optimizer.param_groups.base.lr:g}"
     if config.quantizer is None:
         scheme = "baseline"

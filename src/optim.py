@@ -173,3 +173,43 @@ def build_optimizer(model: nn.Module, optimizer_type: str, group_options: dict[s
     except (TypeError, ValueError) as error:
         raise ConfigError("optimizer.param_groups", str(error), f"use options that {optimizer_type} takes") from None
 
+
+
+# A dz group whose decay alone takes logit_dz below this share of its start within the first epoch collapses the
+# dead zone over the whole range (every weight pruned) before the task loss can hold it.
+COLLAPSED_SHARE = 0.01
+# Steps assumed for the first epoch when its length is not known yet (--dry-run loads no data).
+ASSUMED_EPOCH_STEPS = 100
+
+
+def dead_zone_collapse_steps(optimizer_type: str, options: dict[str, Any] | None) -> tuple[float, int] | None:
+    """(shrink per step, steps until ``logit_dz`` decays to COLLAPSED_SHARE of its start) from the ``dz`` group's
+    weight decay alone: lr x weight_decay a step for sgd (over 1 - momentum with momentum) and adamw. None for other
+    optimizers (adam's coupled decay is rescaled by its normaliser) or a group without decay."""
+    if not options or optimizer_type not in ("sgd", "adamw"):
+        return None
+    shrink = options.get("lr", 0.0) * options.get("weight_decay", 0.0)
+    if optimizer_type == "sgd":
+        shrink /= 1 - (options.get("momentum") or 0.0)
+    if shrink <= 0:
+        return None
+    steps = 1 if shrink >= 1 else math.ceil(math.log(COLLAPSED_SHARE) / math.log(1 - shrink))
+    return shrink, steps
+
+
+def warn_if_dead_zone_collapses(optimizer_type: str, options: dict[str, Any] | None,
+                                epoch_steps: int | None) -> str | None:
+    """Log (and return) a warning when the dz group's decay would drive ``logit_dz`` to about 0 within the first
+    epoch of ``epoch_steps`` steps (ASSUMED_EPOCH_STEPS when unknown)."""
+    collapse = dead_zone_collapse_steps(optimizer_type, options)
+    limit = epoch_steps or ASSUMED_EPOCH_STEPS
+    if collapse is None or collapse[1] > limit:
+        return None
+    shrink, steps = collapse
+    epoch = f"the first epoch's {epoch_steps} steps" if epoch_steps else f"{ASSUMED_EPOCH_STEPS} steps"
+    message = (f"optimizer group 'dz': lr x weight_decay{' / (1 - momentum)' if optimizer_type == 'sgd' else ''} "
+               f"shrinks logit_dz by {shrink:.1%} a step, to 1 % of its start after {steps} steps, within {epoch}: "
+               f"the dead zone would cover every weight. The usual dz weight_decay values (1-10) assume adamw's "
+               f"decoupled decay at lr ~1e-3; lower the dz group's lr or weight_decay")
+    log.warning(message)
+    return message

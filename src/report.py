@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from src.checkpoint import load_checkpoint, load_model_state
-from src.compression import CompressionMonitor, as_rows, model_size, summary
+from src.compression import FP32_BITS, CompressionMonitor, as_rows, model_size, summary
 from src.config import validate_config
 from src.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError
 from src.data import declared_classes
@@ -145,16 +146,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"## Per layer\n\n{layer_table(report)}\n")
 
 
+def layer_label(row: dict[str, Any]) -> str:
+    """A layer's name on the plot; the bare indices of ``nn.Sequential`` layers get their kind (``3 (linear)``)."""
+    return f"{row['name']} ({row['kind']})" if re.fullmatch(r"[\d.]*", row["name"]) else row["name"]
+
+
 def plot_layers(report: dict[str, Any], path: Path) -> None:
-    """Per layer: sparsity as a bar upward, bit-width as a bar downward (the paper's layer-wise figure)."""
+    """Per layer: sparsity as a bar upward, bit-width as a bar downward (the paper's layer-wise figure). FP32 layers
+    are drawn too, grey, at 32 bits, and the bit-width axis always spans 0-32, so that a 4-bit layer looks as far
+    from an FP32 one as it is."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in report["layers"] if row["quantized"]] or report["layers"]
-    excluded = [row["name"] for row in report["layers"] if not row["quantized"] and rows[0]["quantized"]]
-    max_bits = max(row["bits"] for row in rows)
+    rows = report["layers"]
     positions = range(len(rows))
     figure, sparsity_axis = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 5.5))
     sparsity_axis.bar(positions, [100 * row["sparsity"] for row in rows], color="tab:blue", label="sparsity (%)")
@@ -162,24 +168,22 @@ def plot_layers(report: dict[str, Any], path: Path) -> None:
     sparsity_axis.set_yticks([0, 25, 50, 75, 100])
     sparsity_axis.set_ylabel("sparsity (%)", color="tab:blue")
     bits_axis = sparsity_axis.twinx()
-    bits_axis.bar(positions, [-row["bits"] for row in rows], color="tab:orange", label="bit-width")
-    bits_axis.set_ylim(-1.05 * max_bits, 1.05 * max_bits)
-    bit_ticks = sorted({0, *(int(row["bits"]) for row in rows)})
+    bits_axis.bar(positions, [-row["bits"] for row in rows], label="bit-width",
+                  color=["tab:orange" if row["quantized"] else "tab:gray" for row in rows])
+    bits_axis.set_ylim(-1.05 * FP32_BITS, 1.05 * FP32_BITS)
+    bit_ticks = sorted({0, FP32_BITS, *(int(row["bits"]) for row in rows)})
     bits_axis.set_yticks([-b for b in bit_ticks], [str(b) for b in bit_ticks])
-    bits_axis.set_ylabel("bit-width", color="tab:orange")
+    bits_axis.set_ylabel("bit-width (grey: FP32)", color="tab:orange")
     for index, row in enumerate(rows):
         sparsity_axis.annotate(f"{100 * row['sparsity']:.0f}", (index, 100 * row["sparsity"]), ha="center",
                                va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
         bits_axis.annotate(f"{row['bits']:g}", (index, -row["bits"]), ha="center", va="top", fontsize=7,
                            xytext=(0, -1), textcoords="offset points")
     sparsity_axis.axhline(0, color="black", linewidth=0.8)
-    sparsity_axis.set_xticks(list(positions), [row["name"] for row in rows], rotation=90, fontsize=7)
+    sparsity_axis.set_xticks(list(positions), [layer_label(row) for row in rows], rotation=90, fontsize=7)
     sparsity_axis.set_xlim(-0.6, len(rows) - 0.4)
-    title = (f"{report['method']} {report['model']}: {report['weights']}, sparsity {percent(report['sparsity'], 1)} %, "
-             f"Rel. BOPs {percent(report['rel_bops'])} %")
-    if excluded:
-        title += f"\nFP32 (excluded): {', '.join(excluded)}"
-    sparsity_axis.set_title(title, fontsize=9)
+    sparsity_axis.set_title(f"{report['method']} {report['model']}: {report['weights']}, sparsity "
+                            f"{percent(report['sparsity'], 1)} %, Rel. BOPs {percent(report['rel_bops'])} %", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -255,6 +259,19 @@ def run_report(run_dir: Path) -> dict[str, Any]:
     return json.loads(saved.read_text()) if saved.is_file() else checkpoint_report(run_dir)
 
 
+def check_run_directory(path: Path) -> None:
+    """Raises CheckpointError unless ``path`` is a run directory (it holds report.json or last.pt); a save_dir, whose
+    subfolders are run directories, is named as such with the runs it holds."""
+    if (path / "report.json").is_file() or (path / "last.pt").is_file():
+        return
+    runs = sorted(child.name for child in path.glob("*") if (child / "last.pt").is_file()) if path.is_dir() else []
+    if runs:
+        shown = " ".join(str(path / name) for name in runs[:3]) + (" ..." if len(runs) > 3 else "")
+        raise CheckpointError(f"{path} is a save_dir holding {len(runs)} runs, not a run directory; pass the runs "
+                              f"themselves: --compare {shown}")
+    raise CheckpointError(f"{path} is not a run directory (no report.json or last.pt); pass folders under save_dir")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", nargs="?", type=Path, help="checkpoint (.pt) or run directory (uses its last.pt)")
@@ -270,9 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.compare:
-            missing = [str(run) for run in args.compare if not run.is_dir()]
-            if missing:
-                raise CheckpointError(f"not a run directory: {', '.join(missing)}; pass folders under save_dir")
+            for run in args.compare:
+                check_run_directory(run)
             print(compare_table({str(run): run_report(run) for run in args.compare}))
             return 0
         report = checkpoint_report(args.path)

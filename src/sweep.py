@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from src.config import TrainConfig, load_config, read_yaml, suggest
+from src.config import RUN_NAME_CHARACTERS, TrainConfig, load_config, read_yaml, suggest
 from src.errors import EXIT_CONFIG_ERROR, ConfigError
 from src.experiment import run_name
 
@@ -80,7 +80,7 @@ def read_sweep(path: str | Path) -> tuple[str, list[str], dict[str, list[Any]], 
             raise ConfigError(f"grid.{key}", "must be a non-empty list of values", f"write `{key}: [value1, value2]`",
                               source)
     name = str(data.get("name") or Path(path).stem)
-    if not re.fullmatch(r"[\w.=+-]+", name):
+    if not re.fullmatch(RUN_NAME_CHARACTERS, name):
         raise ConfigError("name", f"{name!r} cannot be part of a directory name", "use letters, digits and _.=+-", source)
     return name, configs, grid, string_list(data, "set", source)
 

@@ -44,12 +44,16 @@ class RunTracker:
         try:
             import wandb
 
+            # W&B's own messages (a few dozen `wandb:` lines) go to its debug log in the run directory, not the
+            # terminal: the one line above (offline) or nothing (online) is what the user reads.
+            settings = wandb.Settings(silent=True, quiet=True, show_info=False, show_warnings=False, console="off")
             self.wandb_run = wandb.init(
-                project=project, name=run_name, config=config, dir=str(run_dir), mode=mode,
+                project=project, name=run_name, config=config, dir=str(run_dir), mode=mode, settings=settings,
                 id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous",
             )
         except Exception as error:  # noqa: BLE001 - W&B problems must never end a training run
-            log.warning("W&B could not start (%s); continuing without it", str(error).splitlines()[0] if str(error) else type(error).__name__)
+            log.warning("W&B could not start (%s); continuing without it",
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     @property
     def wandb_id(self) -> str | None:

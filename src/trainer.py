@@ -28,7 +28,7 @@ from src.data import DatasetPair, build_loaders, declared_classes, load_dataset
 from src.device_data import device_loaders
 from src.errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted, RunFailure
 from src.experiment import LossTerm, build_loss_terms, build_model, optimizer_for, run_name, scheduler_for, seed_everything
-from src.optim import scheduled_learning_rates
+from src.optim import scheduled_learning_rates, warn_if_dead_zone_collapses
 from src.report import write_run_report
 from src.step_settings import StepSettings
 from src.tracking import RunTracker, rewind_metrics
@@ -127,6 +127,10 @@ def locate(setup: Setup, resume: str | None) -> Start:
         CheckpointError: the checkpoint cannot be read.
     """
     run_dir = Path(setup.config.save_dir) / setup.name
+    blocked = next((path for path in (run_dir, *run_dir.parents) if path.exists() and not path.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError("save_dir", f"cannot create {run_dir}: {blocked} is a file", "choose a save_dir that is a "
+                          "directory, or one that does not exist yet")
     if resume is None:
         if (run_dir / LAST_CHECKPOINT).is_file():
             raise ConfigError("save_dir", f"{run_dir} already holds a checkpoint ({LAST_CHECKPOINT})",
@@ -197,7 +201,15 @@ def describe(setup: Setup, start: Start) -> str:
     terms = [f"{term.weight:g} * {spec.name}({', '.join(f'{k}={v}' for k, v in term.kwargs.items())})"
              for term, spec in zip(setup.loss_terms, config.loss_terms)]
     lines.append(f"loss terms: {' + '.join(terms) if terms else 'none'}")
+    warning = dz_collapse_warning(config, None)
+    if warning:
+        lines.append(f"warning:    {warning}")
     return "\n".join(lines)
+
+
+def dz_collapse_warning(config: TrainConfig, epoch_steps: int | None) -> str | None:
+    dz = config.optimizer.param_groups.dz
+    return warn_if_dead_zone_collapses(config.optimizer.type, dz.optimizer_options() if dz else None, epoch_steps)
 
 
 def group_options_shown(config: TrainConfig) -> set[str]:
@@ -254,11 +266,7 @@ class TrainingRun:
         data = setup.data or load_data(config)  # first: a missing data set leaves no run directory behind
         self.lock = None
         if distributed.is_main_process():
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise ConfigError("save_dir", f"cannot create {self.run_dir}: a part of the path is a file",
-                                  "choose a save_dir that is a directory") from None
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock = lock_run_directory(self.run_dir)
         self.generator = torch.Generator().manual_seed(config.seed)
         if config.data_on_device:
@@ -269,6 +277,7 @@ class TrainingRun:
             self.train_loader, self.val_loader = build_loaders(
                 data, config.batch_size, config.workers, self.generator, pin_memory=setup.device.type == "cuda",
                 rank=distributed.rank(), world_size=distributed.world_size())
+        dz_collapse_warning(config, len(self.train_loader))
         if distributed.world_size() > 1:
             log.info("global batch %d (%d processes x batch_size %d)", config.batch_size * distributed.world_size(),
                      distributed.world_size(), config.batch_size)
@@ -371,6 +380,7 @@ class TrainingRun:
             record = {"epoch": epoch, "loss": train_metrics["loss"], **parts, "train_acc": train_metrics["acc"],
                       "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"], "lr": lr, **compression}
             self.tracker.log(record)
+            warn_if_collapsed(record, setup.num_classes)
             improved = val_metrics["acc"] > self.best_val_acc
             self.best_val_acc = max(self.best_val_acc, val_metrics["acc"])
             self.epoch, self.epoch_state = epoch, EpochState()
@@ -394,6 +404,14 @@ class TrainingRun:
         if self.lock is not None:
             os.close(self.lock)
             self.lock = None
+
+
+def warn_if_collapsed(record: dict[str, Any], num_classes: int) -> None:
+    """Warn when an epoch ends with nearly every quantized weight pruned and validation accuracy at chance."""
+    if record.get("sparsity", 0.0) > 0.99 and record["val_acc"] <= 1.5 / num_classes:
+        log.warning("epoch %d: %.2f %% of the quantized weights are zero and val_acc %.4f is at chance (%.4f): the "
+                    "dead zones have collapsed; lower the dz group's weight_decay or lr", record["epoch"],
+                    100 * record["sparsity"], record["val_acc"], 1 / num_classes)
 
 
 def train_and_evaluate(setup: Setup, start: Start, stop: StopSignal) -> Path:
