@@ -5,7 +5,7 @@ import logging
 import pytest
 
 import run_training
-from conftest import quick_config, write_config
+from conftest import ROOT, quick_config, write_config
 from src.data import DATASET_REGISTRY
 
 GROUP_LASSO = {"name": "group_lasso", "lambda": 0.5, "kwargs": {"lambda_linear": 1e-4, "lambda_conv": 2e-4}}
@@ -84,3 +84,12 @@ def test_settings_that_would_silently_do_nothing_are_warned_about(tmp_path, caps
     assert code == 0
     assert warning in [record.getMessage()[:len(warning)] for record in caplog.records
                        if record.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("name", ["quickstart", "baseline_resnet20", "deadzone_resnet20", "deadzone_vit"])
+def test_the_shipped_configs_start_without_warnings(tmp_path, caplog, capsys, name):
+    with caplog.at_level(logging.WARNING):
+        code = run_training.main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--device", "cpu", "--dry-run",
+                                  "--set", f"save_dir={tmp_path}"])
+    assert code == 0
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
