@@ -3,8 +3,8 @@
 A quantizer is an ``nn.Module`` class whose ``__init__`` takes keyword arguments (the config's
 ``quantizer.kwargs``) and whose ``forward(weight)`` returns the fake-quantized weight, same shape
 and dtype. That is all a user must write (see ``Quantizer``); everything else the project reads
-from a quantizer is optional, with a generic fallback here (``layer_readout``, ``nominal_bits``,
-``export_grid``). ``QUANTIZER_REGISTRY`` checks each class when it is added.
+from a quantizer is optional, with a generic fallback (``layer_readout`` and ``nominal_bits`` here,
+the codebook of ``src.export``). ``QUANTIZER_REGISTRY`` checks each class when it is added.
 """
 from __future__ import annotations
 
