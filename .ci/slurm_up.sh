@@ -44,7 +44,7 @@ if (( need_pkgs )); then
     || die "apt-get install slurm-wlm munge failed"
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
-command -v unshare >/dev/null && command -v nsenter >/dev/null || die "unshare/nsenter (util-linux) not found"
+for b in unshare nsenter; do command -v "$b" >/dev/null || die "$b (util-linux) not found"; done
 
 # ---------------------------------------------------------------- 2. munge
 install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge
@@ -194,6 +194,7 @@ for node in "${NODES[@]}"; do
   stop_pidfile "$(slurmd_pidfile "$node")"  # e.g. one started by hand outside its namespace
   log "starting slurmd $node in its own UTS + mount namespace"
   # slurmd forks into the background; the namespace lives on with it and with every job step it starts
+  # shellcheck disable=SC2016  # $1 and $2 belong to the inner sh
   unshare --uts --mount --propagation private \
     sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec /usr/sbin/slurmd -N "$1"' sh "$node" "$NODE_HOSTS" \
     || die "slurmd $node failed to start (unshare needs CAP_SYS_ADMIN; see $LOGDIR/slurmd-$node.log)"

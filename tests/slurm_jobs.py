@@ -140,6 +140,6 @@ def completed(job: Job) -> str:
 
 
 # 2 epochs of 45 steps (resnet20, img 16): long enough to be interrupted mid-epoch.
-def preemptible_config(work: Path, name: str, **overrides) -> Path:
+def preemptible_config(work: Path, name: str, **overrides: object) -> Path:
     config = quick_config(work, epochs=2, batch_size=32, log_interval=1, save_dir=str(work / name), **overrides)
     return write_config(work, config, f"{name}.yaml")

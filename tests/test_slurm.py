@@ -8,6 +8,7 @@ requeue itself, resume and end with exactly the metrics of an uninterrupted run.
 """
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,14 @@ SLURM_PROBLEM = slurm_problem()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cluster():
+def cluster() -> Iterator[None]:
     require(SLURM_PROBLEM)
     yield
     Job.cancel_all()
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("slurm")
 
 

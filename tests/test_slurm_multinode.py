@@ -7,6 +7,7 @@ the same global batch and gloo sums the same two gradients, so the runs must end
 """
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,19 +31,19 @@ CHECKPOINT_STOP_POINTS = {(0, 10), (0, 20), (1, 0)}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cluster():
+def cluster() -> Iterator[None]:
     require(SLURM_PROBLEM)
     yield
     Job.cancel_all()
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("slurm_multinode")
 
 
 @pytest.fixture(scope="module")
-def one_node_reference(work) -> Job:
+def one_node_reference(work: Path) -> Job:
     """2 processes on one node, 2 CPUs: the job the two-node one must equal."""
     config = preemptible_config(work, "one_node")
     return Job.submit(work, "slurm/ddp_slurm.sh", str(config), sbatch=("--cpus-per-task=2",),
@@ -50,7 +51,7 @@ def one_node_reference(work) -> Job:
 
 
 @pytest.fixture(scope="module")
-def two_node_reference(work) -> Job:
+def two_node_reference(work: Path) -> Job:
     """An uninterrupted two-node job."""
     config = preemptible_config(work, "two_nodes")
     return Job.submit(work, "slurm/ddp_slurm.sh", str(config), sbatch=TWO_NODES, env=TWO_NODES_ENV)
@@ -91,7 +92,8 @@ def test_two_node_job_preempted_by_usr1_checkpoints_once_requeues_and_ends_like_
     assert job.fields()["Restarts"] == "1"
     assert log.count("DDP: 2 node(s) x 1 process(es)") == 2  # the first start and the requeued one
     assert "USR1: checkpoint, then requeue" in log and f"requeueing job {job.id}" in log
-    # torchrun hands the batch shell's TERM to the workers of both nodes; rank 0 alone writes and says so
+    # the batch shell's TERM reaches the workers of both nodes through their torchrun; they stop at one step,
+    # rank 0 writes the checkpoint and alone logs it (the others log errors only)
     assert len(re.findall(r"SIGTERM: checkpoint written at " + STOP_POINTS, log)) == 1, log
     assert log.count("checkpoint written at") == 1, log
     assert re.search(r"resuming .*last\.pt at " + STOP_POINTS.replace(" step", ", step") + " of it", log), log
