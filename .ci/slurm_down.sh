@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Stop the local single-node Slurm cluster started by .ci/slurm_up.sh (best effort).
+# Stop the local Slurm cluster started by .ci/slurm_up.sh (best effort), daemon by daemon through the
+# pid files it wrote: each node's slurmd (its namespace ends with it), the one slurmd of the older
+# one-node layout if it still runs, slurmctld, munged.
 set -uo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
@@ -15,6 +17,11 @@ stop_pidfile() {  # name pidfile
   rm -f "$f"
 }
 
+shopt -s nullglob
+for f in /run/slurmd-*.pid; do
+  node=${f#/run/slurmd-}
+  stop_pidfile "slurmd ${node%.pid}" "$f"
+done
 stop_pidfile slurmd /run/slurmd.pid
 stop_pidfile slurmctld /run/slurmctld.pid
 stop_pidfile munged /run/munge/munged.pid

@@ -1,6 +1,8 @@
-"""DDP under torchrun with the gloo backend: 2 CPU processes on this machine, no Slurm needed."""
+"""DDP under torchrun with the gloo backend: 2 CPU processes on this machine, under one torchrun or under two
+torchrun agents that meet as two nodes would; no Slurm needed."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -107,3 +109,35 @@ def test_two_processes_reach_the_accuracy_of_one_process_with_the_same_global_ba
     assert abs(ddp[-1]["val_acc"] - single[-1]["val_acc"]) <= SAME_GLOBAL_BATCH_TOLERANCE
     assert ddp[-1]["val_acc"] > 0.9
     assert {path.name for path in ddp_dir.iterdir()} >= {"last.pt", "best.pt", "config.yaml", "metrics.jsonl"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_torchrun_agents_meet_as_two_nodes_and_train_like_one_node_with_two_processes(tmp_path):
+    """What slurm/ddp_slurm.sh starts on each node, without Slurm: two torchrun agents, one process each, meeting
+    at a c10d rendezvous on 127.0.0.1, do the arithmetic of one agent with two processes."""
+    config = write_config(tmp_path, quick_config(tmp_path, model="mlp", epochs=3, batch_size=64))
+    torchrun(["run_training.py", "--config", str(config), "--set", f"save_dir={tmp_path / 'one_node'}"], tmp_path)
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes", "run_training.py", "--config",
+            str(config), "--set", f"save_dir={tmp_path / 'two_nodes'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for _ in range(2)]
+    outputs = [agent.communicate(timeout=600) for agent in agents]
+    for agent, (stdout, stderr) in zip(agents, outputs):
+        assert agent.returncode == 0, stdout[-2000:] + stderr[-4000:]
+
+    logs = "".join(stdout + stderr for stdout, stderr in outputs)
+    assert logs.count("distributed: 2 processes (gloo), 1 per node") == 1  # rank 0, on one of the agents
+    assert logs.count("run directory:") == 1
+    run = "mlp_deadzone4b_e3_lr0.003_gb128"
+    assert [path.name for path in (tmp_path / "two_nodes").iterdir()] == [run]
+    two_nodes = [json.loads(line) for line in (tmp_path / "two_nodes" / run / "metrics.jsonl").read_text().splitlines()]
+    one_node = [json.loads(line) for line in (tmp_path / "one_node" / run / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in two_nodes] == [1, 2, 3] and two_nodes[-1]["val_acc"] > 0.9
+    assert two_nodes == one_node

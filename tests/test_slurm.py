@@ -1,117 +1,34 @@
-"""The real batch scripts in slurm/, submitted with sbatch to a running Slurm cluster (CI: the
-one-node, 2-CPU cluster of .ci/slurm_up.sh), on the digits data set and the CPU.
+"""The real batch scripts in slurm/, submitted with sbatch to a running Slurm cluster (CI: the two-node,
+2-CPU-per-node cluster of .ci/slurm_up.sh; the jobs here take one node, either), on the digits data set and
+the CPU. Two-node jobs: tests/test_slurm_multinode.py.
 
 Preemption is what Slurm does before a time limit with ``--signal=B:USR1@120``: ``scancel
 --signal=USR1 --batch`` sends the same signal to the batch shell, mid-run; the job must checkpoint,
 requeue itself, resume and end with exactly the metrics of an uninterrupted run.
 """
-import json
-import os
 import re
-import shutil
 import subprocess
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT, quick_config, write_config
-
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED"}
-JOB_TIMEOUT_S = 600
-
-
-def slurm_problem() -> str | None:
-    """Why no Slurm job can run here, or None."""
-    if shutil.which("sbatch") is None:
-        return "sbatch not found (install and start Slurm with `sudo bash .ci/slurm_up.sh`)"
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
-        nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"Slurm does not answer ({error})"
-    if "UP" not in ping.stdout:
-        return f"slurmctld is not up ({(ping.stdout + ping.stderr).strip()}); run `sudo bash .ci/slurm_up.sh`"
-    if not re.search(r"^(idle|mixed|allocated|completing)", nodes.stdout, re.MULTILINE):
-        return f"no Slurm node can run jobs (states: {nodes.stdout.split() or 'none'})"
-    return None
-
+from slurm_jobs import Job, completed, metrics, preemptible_config, require, slurm_problem
 
 SLURM_PROBLEM = slurm_problem()
-pytestmark = pytest.mark.skipif(SLURM_PROBLEM is not None, reason=f"needs Slurm: {SLURM_PROBLEM}")
-
-
-class Job:
-    """A batch job: its id, its output file and its state in ``scontrol show job``."""
-
-    submitted: list["Job"] = []
-
-    def __init__(self, job_id: str, output: Path) -> None:
-        self.id, self.output = job_id, output
-        Job.submitted.append(self)
-
-    @classmethod
-    def submit(cls, work: Path, script: str, *args: str, sbatch: tuple[str, ...] = (),
-               env: dict[str, str] | None = None) -> "Job":
-        output = work / f"{Path(script).stem}-%j.out"
-        command = ["sbatch", "--parsable", f"--output={output}", *sbatch, str(ROOT / script), *args]
-        result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=60,
-                                env={**os.environ, **(env or {})})
-        assert result.returncode == 0, result.stderr
-        job_id = result.stdout.strip().split(";")[0]
-        return cls(job_id, Path(str(output).replace("%j", job_id)))
-
-    def fields(self) -> dict[str, str]:
-        text = subprocess.run(["scontrol", "show", "job", self.id], capture_output=True, text=True).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", text))
-
-    def log(self) -> str:
-        return self.output.read_text() if self.output.exists() else ""
-
-    def wait_for_log(self, pattern: str) -> None:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not re.search(pattern, self.log()):
-            assert self.fields().get("JobState") not in TERMINAL_STATES, f"job ended before {pattern!r}:\n{self.log()}"
-            assert time.monotonic() < deadline, f"no {pattern!r} in job {self.id}'s output:\n{self.log()}"
-            time.sleep(0.2)
-
-    def wait(self) -> dict[str, str]:
-        """The job's final fields (a requeued job waits out its credential's expiry, ~6 s here, before it
-        restarts; starting it sooner makes Slurm kill it)."""
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while (fields := self.fields()).get("JobState") not in TERMINAL_STATES:
-            assert time.monotonic() < deadline, f"job {self.id} still {fields.get('JobState')}:\n{self.log()}"
-            time.sleep(0.5)
-        return fields
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cancel_leftover_jobs():
+def cluster() -> Iterator[None]:
+    require(SLURM_PROBLEM)
     yield
-    for job in Job.submitted:
-        subprocess.run(["scancel", job.id], capture_output=True)
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def completed(job: Job) -> str:
-    fields = job.wait()
-    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), job.log()
-    return job.log()
+    Job.cancel_all()
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("slurm")
-
-
-# 2 epochs of 45 steps (resnet20, img 16): long enough to be interrupted mid-epoch.
-def preemptible_config(work: Path, name: str, **overrides) -> Path:
-    config = quick_config(work, epochs=2, batch_size=32, log_interval=1, save_dir=str(work / name), **overrides)
-    return write_config(work, config, f"{name}.yaml")
 
 
 @pytest.fixture(scope="module")
