@@ -9,9 +9,17 @@ import torch
 
 import run_training
 from conftest import quick_config, write_config
-from test_slurm import SLURM_PROBLEM, Job, cancel_leftover_jobs  # noqa: F401 (the fixture cancels our jobs too)
+from slurm_jobs import Job, require, slurm_problem
 
-pytestmark = pytest.mark.skipif(SLURM_PROBLEM is not None, reason=f"needs Slurm: {SLURM_PROBLEM}")
+SLURM_PROBLEM = slurm_problem()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    require(SLURM_PROBLEM)
+    yield
+    Job.cancel_all()
+
 RUN = "resnet20_deadzone4b_e30_lr0.003"
 
 
