@@ -1,6 +1,6 @@
 """Every exception a user can meet and the exit code each one ends a command with.
 
-Commands (``run_training.py``, ``python -m src.report``, ``src.export``, ``src.sweep``) print an
+Commands (``run_training.py``, ``python -m src.report``, ``src.export``, ``src.evaluate``, ``src.sweep``) print an
 error's one line and exit with its code; ``--verbose`` adds the traceback.
 """
 from __future__ import annotations

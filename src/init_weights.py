@@ -1,4 +1,4 @@
-"""``init_from``: weights loaded into a model before its quantizers are attached (the train-FP32-then-compress workflow).
+"""``init_from``: weights loaded into a model before its quantizers are attached (train FP32, then compress).
 
 The source is a run directory (its ``last.pt``) or a checkpoint of this tool, FP32 or QAT, or a plain ``state_dict``
 file as torchvision and timm save them (``.pt``, ``.pth``, ``.bin`` or ``.safetensors``; also nested under
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from src.checkpoint import REQUIRED_KEYS, load_checkpoint
-from src.errors import CheckpointError, ConfigError, first_line
+from src.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,10 @@ def plain_state(path: Path) -> dict[str, Tensor]:
         else:
             content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ConfigError("init_from", f"cannot read {path} ({type(error).__name__}: {first_line(error)})",
-                          "pass a checkpoint, a run directory or a state_dict saved with torch.save") from None
+        # torch's own message for a foreign pickle recommends weights_only=False, which this tool never uses.
+        raise ConfigError("init_from", f"{path} is not a torch.save or safetensors file this tool reads "
+                          f"({type(error).__name__})", "pass a checkpoint, a run directory or a state_dict saved "
+                          "with torch.save") from None
     if isinstance(content, dict) and not is_tensor_dict(content):
         content = next((content[key] for key in NESTING_KEYS if is_tensor_dict(content.get(key))), content)
     if not is_tensor_dict(content):

@@ -103,7 +103,8 @@ def torchvision_model(name: str, num_classes: int, img_size: int, pretrained: bo
         path = torch_hub_checkpoint(weights.url)
         if not path.is_file():
             raise ConfigError("pretrained", f"torchvision's {name} weights ({weights}) are not in the local cache "
-                              f"and are never downloaded here", f"place {path.name} (from {weights.url}) in {path.parent}")
+                              f"and are never downloaded here",
+                              f"place {path.name} (from {weights.url}) in {path.parent}")
         try:
             model = models.get_model(name, weights=weights, **size)  # reads the cached file: nothing is downloaded
         except (RuntimeError, OSError, EOFError, KeyError) as error:

@@ -79,7 +79,7 @@ def image_tree(tmp_path_factory) -> Path:
 
 def image_config(tmp_path: Path, data_dir: Path, **overrides) -> dict:
     """A 1-epoch CPU config training torchvision's ResNet-18 on an image folder at 32 px."""
-    config = {"model": "resnet18", "dataset": "imagefolder", "data_dir": str(data_dir), "epochs": 1, "batch_size": 8,
+    config = {"model": "resnet18", "dataset": "imagefolder", "data_dir": str(data_dir), "epochs": 1, "batch_size": 12,
               "img_size": 32, "workers": 0, "save_dir": str(tmp_path / "runs"), "log_interval": 1,
               "optimizer": {"type": "adamw", "param_groups": {"base": {"lr": 0.003}}}}
     config.update(overrides)
