@@ -121,14 +121,13 @@ def read_cifar_batch(path: Path, layout: CifarLayout = CIFAR10) -> tuple[np.ndar
 
 
 class CifarBatches(Dataset):
-    """CIFAR images held in memory as uint8, transformed on access; ``mean`` and ``std`` are its normalisation."""
+    """CIFAR images held in memory as uint8, transformed on access."""
 
     def __init__(self, folder: Path, files: list[str], transform: Callable, layout: CifarLayout = CIFAR10) -> None:
         batches = [read_cifar_batch(folder / name, layout) for name in files]
         self.images = np.concatenate([images for images, _ in batches])
         self.labels = [label for _, labels in batches for label in labels]
         self.transform = transform
-        self.mean, self.std = layout.mean, layout.std
 
     def __len__(self) -> int:
         return len(self.labels)

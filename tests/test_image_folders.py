@@ -12,7 +12,8 @@ from PIL import Image
 import run_training
 from conftest import image_config, write_config, write_image_tree
 from src import image_folders
-from src.data import build_loaders, cifar100, load_dataset
+from src.data import CIFAR100, build_loaders, cifar100, load_dataset
+from src.device_data import device_loaders
 from src.errors import DataError
 from src.image_folders import IMAGENET_MEAN, IMAGENET_STD
 
@@ -140,8 +141,12 @@ def test_cifar100_reads_its_python_files_with_fine_labels(tmp_path):
     assert pair.num_classes == 100 and len(pair.train) == 10 and len(pair.val) == 4
     assert [pair.val[i][1] for i in range(4)] == written["test"][1]
     raw = torch.tensor(written["test"][0][3], dtype=torch.float32).reshape(3, 32, 32) / 255
-    mean, std = torch.tensor(pair.val.mean)[:, None, None], torch.tensor(pair.val.std)[:, None, None]
+    mean, std = torch.tensor(CIFAR100.mean)[:, None, None], torch.tensor(CIFAR100.std)[:, None, None]
     assert torch.allclose(pair.val[3][0], (raw - mean) / std, atol=1e-5)
+    _, on_device = device_loaders("cifar100", pair, 32, 4, torch.device("cpu"), seed=0)  # data_on_device: true
+    [(images, labels)] = list(on_device)
+    assert labels.tolist() == written["test"][1]
+    assert torch.allclose(images, torch.stack([pair.val[i][0] for i in range(4)]), atol=1e-5)
 
 
 def test_loader_settings_reach_the_loaders(image_tree):
