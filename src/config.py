@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from src.data import DATASET_REGISTRY
+from src.device_data import DEVICE_DATA
 from src.errors import ConfigError
 from src.models import MODEL_REGISTRY
 from src.optim import OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
@@ -117,6 +118,14 @@ class TrainConfig(Section):
     plugins: list[str] = Field(default_factory=list, description="Python files or module names imported before "
                                "the rest is checked; what they register is valid here (paths recorded absolute)")
     model: str = Field(description="model")
+    pretrained: bool = Field(False, description="start from the published ImageNet weights of a torchvision or timm "
+                             "model, read from the local cache only (never downloaded); a head for another number of "
+                             "classes starts fresh, with a notice")
+    init_from: str | None = Field(None, description="weights loaded before the quantizers are attached: a run "
+                                  "directory (its last.pt) or checkpoint of this tool, FP32 or QAT, or a state_dict "
+                                  "file as torchvision and timm save them (also under `state_dict` or `model`); keys "
+                                  "of another shape are skipped with a notice. Optimizer, schedule and epochs start "
+                                  "fresh (unlike --resume); the path is recorded absolute")
     epochs: int = Field(ge=1, description="training epochs (also the cosine T_max)", json_schema_extra=RUNTIME)
     batch_size: int = Field(ge=1, description="batch size per process")
     img_size: int = Field(32, ge=1, description="input resolution the data is resized to")
@@ -124,6 +133,12 @@ class TrainConfig(Section):
                         json_schema_extra=RUNTIME)
     wandb_project: str | None = Field(None, description="W&B project; null disables W&B")
     workers: int = Field(4, ge=0, description="data-loader worker processes", json_schema_extra=RUNTIME)
+    pin_memory: bool | None = Field(None, description="page-locked host memory for batches (faster copies to a GPU); "
+                                    "null: on when the device is CUDA", json_schema_extra=RUNTIME)
+    persistent_workers: bool = Field(True, description="keep the loader's workers alive from epoch to epoch (with "
+                                     "workers > 0)", json_schema_extra=RUNTIME)
+    prefetch_factor: int = Field(2, ge=1, description="batches each loader worker prepares ahead (with workers > 0)",
+                                 json_schema_extra=RUNTIME)
     use_compile: bool = Field(False, description="wrap the model in torch.compile", json_schema_extra=RUNTIME)
     amp: Literal["bf16", "fp16"] | None = Field(
         None, description="autocast forward and loss to bf16 or fp16 (fp16 adds a GradScaler); null: FP32. "
@@ -131,7 +146,7 @@ class TrainConfig(Section):
     channels_last: bool = Field(False, description="channels-last memory format for model and input batches "
                                 "(faster convolutions with cuDNN, notably under amp)", json_schema_extra=RUNTIME)
     data_on_device: bool = Field(False, description="hold the whole data set on the device and augment there "
-                                 "(cifar10: random crop, padding 4, and flip); no loader workers, so a small "
+                                 "(cifar10, cifar100: random crop, padding 4, and flip); no loader workers, so a small "
                                  "host cannot starve the GPU", json_schema_extra=RUNTIME)
     quantizer: QuantizerConfig | None = Field(None, description="weight quantizer; null trains the FP32 baseline")
     optimizer: OptimizerConfig = Field(description="optimizer and its parameter groups")
@@ -163,10 +178,19 @@ class TrainConfig(Section):
                 data["lr_scheduler"] = {"type": "constant"}
         return data
 
+    @field_validator("init_from")
+    @classmethod
+    def absolute_path(cls, path: str | None) -> str | None:
+        """Recorded absolute, so --resume and reports find the same file from any directory."""
+        return None if path is None else str(Path(path).expanduser().resolve())
+
     @model_validator(mode="after")
     def known_names(self) -> TrainConfig:
         MODEL_REGISTRY.choose("model", self.model)
         DATASET_REGISTRY.choose("dataset", self.dataset)
+        if self.data_on_device and self.dataset not in DEVICE_DATA:
+            raise ConfigError("data_on_device", f"not available for data set {self.dataset!r}",
+                              f"set it to false (it serves {', '.join(DEVICE_DATA)})")
         OPTIMIZER_REGISTRY.choose("optimizer.type", self.optimizer.type)
         for index, term in enumerate(self.loss_terms):
             loss = LOSS_REGISTRY.choose(f"loss_terms.{index}.name", term.name)
@@ -462,7 +486,7 @@ def yaml_reference(model: type[BaseModel] = TrainConfig, prefix: str = "") -> li
         type_name = annotation_text(field.annotation)
         description = field.description or ""
         if key in REGISTRIES:
-            description += f"; one of: {', '.join(choice_text(key, name) for name in REGISTRIES[key])}"
+            description += f"; one of: {', '.join(choice_text(key, name) for name in REGISTRIES[key].choices())}"
         cells = [f"`{key}`", type_name, default, description]
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         nested = section_class(model, name)
@@ -473,7 +497,7 @@ def yaml_reference(model: type[BaseModel] = TrainConfig, prefix: str = "") -> li
 
 def choice_text(key: str, name: str) -> str:
     """A registry entry as the YAML reference lists it; a schedule with the arguments its config keys set."""
-    if key != "lr_scheduler.type":
+    if key != "lr_scheduler.type" or name not in SCHEDULER_REGISTRY:
         return f"`{name}`"
     arguments = list(inspect.signature(SCHEDULER_REGISTRY[name]).parameters)[3:]
     return f"`{name}`" + (f" ({', '.join(arguments)})" if arguments else "")

@@ -1,4 +1,6 @@
-"""Data sets: their registry, CIFAR-10 (torchvision, downloaded on first use) and scikit-learn's digits (shipped).
+"""Data sets: their registry, CIFAR-10 and CIFAR-100 (torchvision, downloaded on first use), scikit-learn's digits
+(shipped), and image folders (``imagefolder``, ``imagenet``: src/image_folders.py, registered when this module is
+imported).
 
 A data set is ``fn(data_dir: str, img_size: int) -> (train_dataset, val_dataset, num_classes)``
 whose items are ``(image: float tensor [3, img_size, img_size], label: int)``. A builder may
@@ -69,9 +71,24 @@ def load_dataset(name: str, data_dir: str, img_size: int) -> DatasetPair:
     return pair
 
 
-CIFAR10_FOLDER = "cifar-10-batches-py"
-CIFAR10_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
-CIFAR10_TEST_FILES = ["test_batch"]
+class CifarLayout(NamedTuple):
+    """How one CIFAR data set lies on disk (torchvision's "python version" download) and is normalised."""
+
+    title: str
+    folder: str
+    train_files: list[str]
+    test_files: list[str]
+    label_key: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_classes: int
+    downloader: str  # the torchvision.datasets class that downloads it
+
+
+CIFAR10 = CifarLayout("CIFAR-10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                      "labels", CIFAR10_MEAN, CIFAR10_STD, 10, "CIFAR10")
+CIFAR100 = CifarLayout("CIFAR-100", "cifar-100-python", ["train"], ["test"], "fine_labels", (0.5071, 0.4865, 0.4409),
+                       (0.2673, 0.2564, 0.2762), 100, "CIFAR100")
 # The CIFAR "python version" files are pickles; only these globals (numpy array rebuilding) may be loaded.
 SAFE_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -89,15 +106,16 @@ class ArrayOnlyUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
-def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
-    """Images [N, 32, 32, 3] uint8 and labels of one CIFAR-10 python batch file."""
+def read_cifar_batch(path: Path, layout: CifarLayout = CIFAR10) -> tuple[np.ndarray, list[int]]:
+    """Images [N, 32, 32, 3] uint8 and labels of one CIFAR python batch file."""
     try:
         with path.open("rb") as file:
             batch = ArrayOnlyUnpickler(file, encoding="latin1").load()
         images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = [int(label) for label in batch["labels"]]
+        labels = [int(label) for label in batch[layout.label_key]]
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable CIFAR-10 batch ({error}); delete it to download it again") from None
+        raise ValueError(f"{path} is not a readable {layout.title} batch ({error}); delete it to download it "
+                         f"again") from None
     if len(labels) != len(images):
         raise ValueError(f"{path} has {len(images)} images but {len(labels)} labels; delete it to download it again")
     return images, labels
@@ -106,8 +124,8 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
 class CifarBatches(Dataset):
     """CIFAR images held in memory as uint8, transformed on access."""
 
-    def __init__(self, folder: Path, files: list[str], transform: Callable) -> None:
-        batches = [read_cifar_batch(folder / name) for name in files]
+    def __init__(self, folder: Path, files: list[str], transform: Callable, layout: CifarLayout = CIFAR10) -> None:
+        batches = [read_cifar_batch(folder / name, layout) for name in files]
         self.images = np.concatenate([images for images, _ in batches])
         self.labels = [label for _, labels in batches for label in labels]
         self.transform = transform
@@ -121,32 +139,46 @@ class CifarBatches(Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-@DATASET_REGISTRY.register("cifar10", num_classes=10)
-def cifar10(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
-    """CIFAR-10 from ``data_dir/cifar-10-batches-py``, downloaded there by torchvision when absent."""
+def cifar(layout: CifarLayout, data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
+    """The CIFAR data set ``layout`` from ``data_dir/<layout.folder>``, downloaded there by torchvision when absent."""
     from torchvision import datasets, transforms
 
     root = Path(data_dir)
-    folder = root / CIFAR10_FOLDER
+    folder = root / layout.folder
     if not folder.is_dir():
         if not download:
-            raise FileNotFoundError(f"CIFAR-10 not found: {folder} does not exist; set data_dir or allow the download")
+            raise FileNotFoundError(f"{layout.title} not found: {folder} does not exist; set data_dir or allow the "
+                                    f"download")
         try:
-            datasets.CIFAR10(root, train=True, download=True)  # fetches, checks the MD5 and extracts
+            getattr(datasets, layout.downloader)(root, train=True, download=True)  # fetches, checks the MD5, extracts
         except Exception as error:  # noqa: BLE001 - network errors come in many types
-            raise FileNotFoundError(f"CIFAR-10 is not under {root.resolve()} and could not be downloaded ({error}); "
-                                    f"copy cifar-10-batches-py there or check the network") from None
-    missing = [name for name in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES if not (folder / name).is_file()]
+            raise FileNotFoundError(f"{layout.title} is not under {root.resolve()} and could not be downloaded "
+                                    f"({error}); copy {layout.folder} there or check the network") from None
+    missing = [name for name in layout.train_files + layout.test_files if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"CIFAR-10 under {folder} lacks {', '.join(missing)}; delete the folder to download it again")
+        raise FileNotFoundError(f"{layout.title} under {folder} lacks {', '.join(missing)}; delete the folder to "
+                                f"download it again")
     resize = [transforms.Resize(img_size, antialias=True)] if img_size != 32 else []
-    normalize = [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    normalize = [transforms.ToTensor(), transforms.Normalize(layout.mean, layout.std)]
     augment = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
     return DatasetPair(
-        CifarBatches(folder, CIFAR10_TRAIN_FILES, transforms.Compose([*augment, *resize, *normalize])),
-        CifarBatches(folder, CIFAR10_TEST_FILES, transforms.Compose([*resize, *normalize])),
-        10,
+        CifarBatches(folder, layout.train_files, transforms.Compose([*augment, *resize, *normalize]), layout),
+        CifarBatches(folder, layout.test_files, transforms.Compose([*resize, *normalize]), layout),
+        layout.num_classes,
     )
+
+
+@DATASET_REGISTRY.register("cifar10", num_classes=10)
+def cifar10(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
+    """CIFAR-10 from ``data_dir/cifar-10-batches-py``, downloaded there by torchvision when absent."""
+    return cifar(CIFAR10, data_dir, img_size, download)
+
+
+@DATASET_REGISTRY.register("cifar100", num_classes=100)
+def cifar100(data_dir: str, img_size: int, download: bool = True) -> DatasetPair:
+    """CIFAR-100 (its 100 fine labels) from ``data_dir/cifar-100-python``, downloaded there by torchvision when
+    absent."""
+    return cifar(CIFAR100, data_dir, img_size, download)
 
 
 @DATASET_REGISTRY.register("digits", num_classes=10)
@@ -222,19 +254,26 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def build_loaders(
     dataset: DatasetPair, batch_size: int, workers: int, generator: torch.Generator, pin_memory: bool = False,
-    rank: int = 0, world_size: int = 1,
+    rank: int = 0, world_size: int = 1, persistent_workers: bool = True, prefetch_factor: int = 2,
 ) -> tuple[DataLoader, DataLoader]:
     """Shuffled training loader and an ordered validation loader.
 
     The training order comes from a ResumableSampler seeded from ``generator`` (call ``set_epoch``
     every epoch); ``generator`` also seeds the loader's workers. With ``world_size`` > 1 each
-    process gets its part, and a StridedBatchSampler splits validation.
+    process gets its part, and a StridedBatchSampler splits validation. ``persistent_workers`` and
+    ``prefetch_factor`` (batches each worker loads ahead) apply only with ``workers`` > 0.
     """
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                  worker_init_fn=ignore_stop_signals if workers else None)
+    common: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory)
+    if workers > 0:
+        common.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+                      worker_init_fn=ignore_stop_signals)
     sampler = ResumableSampler(dataset.train, world_size, rank, seed=generator.initial_seed())
     train = DataLoader(dataset.train, batch_size, sampler=sampler, generator=generator, **common)
     if world_size == 1:
         return train, DataLoader(dataset.val, batch_size, shuffle=False, **common)
     val = DataLoader(dataset.val, batch_sampler=StridedBatchSampler(dataset.val, batch_size, rank, world_size), **common)
     return train, val
+
+
+# Registers imagefolder and imagenet; last, because it builds on the definitions above.
+import src.image_folders  # noqa: E402,F401

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import BatchSampler, Dataset, SequentialSampler
 
-from src.data import CIFAR10_MEAN, CIFAR10_STD, DatasetPair, ResumableSampler, StridedBatchSampler
+from src.data import CIFAR10, CIFAR100, CifarLayout, DatasetPair, ResumableSampler, StridedBatchSampler
 
 CROP_PADDING = 4
 
@@ -66,12 +67,14 @@ def random_flip(batch: Tensor, generator: torch.Generator) -> Tensor:
     return torch.where(flip[:, None, None, None], batch.flip(3), batch)
 
 
-def cifar_on_device(dataset: Dataset, img_size: int, device: torch.device, augment: bool) -> DeviceImages:
-    """CIFAR's uint8 images on the device; batches are augmented (train), resized and normalised there."""
+def cifar_on_device(dataset: Dataset, img_size: int, device: torch.device, augment: bool,
+                    layout: CifarLayout = CIFAR10) -> DeviceImages:
+    """CIFAR's uint8 images on the device; batches are augmented (train), resized and normalised (with ``layout``'s
+    mean and standard deviation) there."""
     images = torch.from_numpy(dataset.images).to(device).permute(0, 3, 1, 2)  # NHWC in memory: channels-last
     labels = torch.as_tensor(dataset.labels, dtype=torch.long, device=device)
-    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(layout.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(layout.std, device=device).view(1, 3, 1, 1)
 
     def prepare(batch: Tensor, generator: torch.Generator | None) -> Tensor:
         batch = batch.float().div_(255)
@@ -92,7 +95,8 @@ def tensors_on_device(dataset: Dataset, img_size: int, device: torch.device, aug
 
 
 # How each data set of DATASET_REGISTRY goes onto the device.
-DEVICE_DATA: dict[str, Callable[..., DeviceImages]] = {"cifar10": cifar_on_device, "digits": tensors_on_device}
+DEVICE_DATA: dict[str, Callable[..., DeviceImages]] = {
+    "cifar10": cifar_on_device, "cifar100": partial(cifar_on_device, layout=CIFAR100), "digits": tensors_on_device}
 
 
 class DeviceLoader:

@@ -1,6 +1,6 @@
 """Every exception a user can meet and the exit code each one ends a command with.
 
-Commands (``run_training.py``, ``python -m src.report``, ``src.export``, ``src.sweep``) print an
+Commands (``run_training.py``, ``python -m src.report``, ``src.export``, ``src.evaluate``, ``src.sweep``) print an
 error's one line and exit with its code; ``--verbose`` adds the traceback.
 """
 from __future__ import annotations
@@ -10,6 +10,12 @@ EXIT_FAILURE = 1  # the run started but could not go on: non-finite loss, unusab
 EXIT_CONFIG_ERROR = 2  # bad config, command line or input file; nothing was loaded or written
 EXIT_PREEMPTED = 3  # SIGTERM/SIGUSR1: a checkpoint was written; resume with --resume auto
 EXIT_INTERRUPTED = 130  # Ctrl-C (the shell's 128 + SIGINT): a checkpoint was written; resume with --resume auto
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class ConfigError(ValueError):
@@ -42,6 +48,19 @@ class ExportError(ValueError):
 
 class RunFailure(RuntimeError):
     """A fault that ends a started run; its message is the one line the user sees."""
+
+
+class DataError(RunFailure):
+    """A file of the data set that cannot be used (an image PIL cannot read); the message names it.
+
+    Raised in a DataLoader worker, it is raised again in the main process with the worker's traceback as its
+    message; only the original line is kept, so the user still sees one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition(": ")[2]
+        super().__init__(message)
 
 
 class Preempted(Exception):

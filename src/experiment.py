@@ -13,6 +13,7 @@ from torch import nn
 
 from src.config import TrainConfig, config_to_dict, render_run_name
 from src.errors import ConfigError
+from src.init_weights import load_initial_weights
 from src.models import create_model
 from src.optim import GROUPS, build_optimizer, build_scheduler
 from src.quantizer import QUANTIZER_REGISTRY, nominal_bits
@@ -64,18 +65,24 @@ def run_name(config: TrainConfig, world_size: int = 1) -> str:
     return f"{config.model}_{scheme}_e{config.epochs}_lr{lr}{global_batch}"
 
 
-def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, list[str]]:
-    """The model with its quantizers attached; returns it and the quantized layer names.
+def build_model(config: TrainConfig, num_classes: int, initialize: bool = True) -> tuple[nn.Module, list[str]]:
+    """The model with its quantizers attached; returns it and the quantized layer names. With ``initialize`` its
+    weights come from ``pretrained`` and ``init_from`` (loaded before the quantizers are attached); without, they are
+    left as built, for a checkpoint's weights to be loaded.
 
     Raises:
-        ConfigError: an unknown model, an input size it cannot take, or a bad ``re:`` pattern in exclude_layers.
+        ConfigError: an unknown model, an input size it cannot take, weights ``pretrained`` or ``init_from`` cannot
+            supply, or a bad ``re:`` pattern in exclude_layers.
     """
     try:
-        model = create_model(config.model, num_classes=num_classes, img_size=config.img_size)
+        model = create_model(config.model, num_classes=num_classes, img_size=config.img_size,
+                             pretrained=config.pretrained and initialize)
     except ConfigError:
         raise
     except ValueError as error:  # the model builders reject input sizes they cannot take
         raise ConfigError("img_size", str(error), f"choose an img_size that {config.model} accepts") from None
+    if initialize and config.init_from is not None:
+        load_initial_weights(model, config.init_from)
     if config.quantizer is None:
         return model, []
     spec = config.quantizer

@@ -176,7 +176,11 @@ def load_export(path: Path) -> dict[str, Any]:
 
 def model_from_export(path: Path) -> nn.Module:
     """The plain (quantizer-free) model holding the exported weights; it computes what the fake-quantized one did."""
-    payload = load_export(path)
+    return model_from_payload(load_export(path))
+
+
+def model_from_payload(payload: dict[str, Any]) -> nn.Module:
+    """``model_from_export`` of an export already read (``load_export``)."""
     config = payload["config"]
     import_plugins(config.get("plugins"))
     model = create_model(config["model"], num_classes=payload["num_classes"], img_size=config["img_size"])

@@ -1,8 +1,11 @@
-"""Model zoo and its registry: CIFAR ResNets (He et al. 2016, option-A shortcuts), timm's ViT-Tiny and an MLP.
+"""Model zoo and its registry: CIFAR ResNets (He et al. 2016, option-A shortcuts), timm's ViT-Tiny, an MLP, and
+every torchvision classification model and timm model (``torchvision.<name>``, ``timm.<name>``; ``resnet18`` and
+``resnet50`` are torchvision's).
 
 A model is ``fn(num_classes: int, img_size: int) -> nn.Module``; ``create_model(name, num_classes,
 img_size)`` builds any entry of ``MODEL_REGISTRY``. A builder raises ValueError for an input size
-it cannot take (reported as a config error on ``img_size``).
+it cannot take (reported as a config error on ``img_size``). A builder that also takes ``pretrained``
+can start from published weights (``pretrained: true``).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.errors import RegistrationError
+from src.errors import ConfigError, RegistrationError
+from src.model_zoo import resolve_timm, resolve_torchvision, torchvision_model
 from src.registry import Registry
 
 
@@ -113,14 +117,25 @@ MODEL_REGISTRY: Registry[Callable[..., nn.Module]] = Registry("model", {
     **{f"resnet{depth}": partial(cifar_resnet, depth) for depth in (20, 32, 44, 56, 110)},
     "vit": vit_tiny,
     "mlp": mlp,
+    **{name: partial(torchvision_model, name) for name in ("resnet18", "resnet50")},
 }, check=check_model)
+MODEL_REGISTRY.add_family("torchvision", resolve_torchvision)
+MODEL_REGISTRY.add_family("timm", resolve_timm)
 
 
-def create_model(name: str, num_classes: int, img_size: int) -> nn.Module:
-    """Model ``name`` of MODEL_REGISTRY for ``num_classes`` classes and ``img_size`` inputs.
+def create_model(name: str, num_classes: int, img_size: int, pretrained: bool = False) -> nn.Module:
+    """Model ``name`` of MODEL_REGISTRY for ``num_classes`` classes and ``img_size`` inputs; ``pretrained``: from
+    its published weights.
 
     Raises:
-        ConfigError: no such model.
+        ConfigError: no such model; ``pretrained`` for a model without published weights, or whose weights are not
+            in the local cache.
         ValueError: the model cannot take ``img_size``.
     """
-    return MODEL_REGISTRY.choose("model", name)(num_classes=num_classes, img_size=img_size)
+    builder = MODEL_REGISTRY.choose("model", name)
+    if not pretrained:
+        return builder(num_classes=num_classes, img_size=img_size)
+    if "pretrained" not in inspect.signature(builder).parameters:
+        raise ConfigError("pretrained", f"model {name!r} has no published weights",
+                          "set pretrained: false, or choose torchvision.<name>, timm.<name>, resnet18 or resnet50")
+    return builder(num_classes=num_classes, img_size=img_size, pretrained=True)

@@ -6,6 +6,9 @@ assignment (``REGISTRY["name"] = fn``) are checked against the part's interface 
 plugin that does not fit fails when it is imported, with one line naming what is wrong. Everything
 that lists choices (config validation, ``--dry-run``, error messages, the README's YAML reference)
 reads them from the registry when it runs, so a plugin's entries are valid choices everywhere.
+
+A registry may also hold *families*: every name ``prefix.rest`` is resolved by the family's resolver
+(``torchvision.resnet18`` and ``timm.<name>`` for models), which checks ``rest`` against the library's own list.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class Registry(dict[str, T]):
                  check: Callable[[str, Any], None] | None = None) -> None:
         super().__init__()
         self.kind, self.check = kind, check
+        self.families: dict[str, Callable[[str, str], T]] = {}
         for name, entry in (entries or {}).items():
             self[name] = entry
 
@@ -54,15 +58,28 @@ class Registry(dict[str, T]):
 
         return add
 
+    def add_family(self, prefix: str, resolve: Callable[[str, str], T]) -> None:
+        """Names ``prefix.rest`` resolve to ``resolve(key, rest)``, which raises ConfigError (naming ``key``) for a
+        ``rest`` it does not know."""
+        self.families[prefix] = resolve
+
+    def choices(self) -> list[str]:
+        """The registered names, then one ``prefix.<name>`` per family."""
+        return [*self, *(f"{prefix}.<name>" for prefix in self.families)]
+
     def choose(self, key: str, name: str) -> T:
-        """The entry called ``name``; ``key`` is the config key it was read from.
+        """The entry called ``name``, or what a family resolves it to; ``key`` is the config key it was read from.
 
         Raises:
-            ConfigError: no such entry (the message lists the valid names and a close match).
+            ConfigError: no such entry (the message lists the valid names and a close match), or a family's own
+                error for a name it does not know.
         """
-        if name not in self:
-            close = difflib.get_close_matches(name, list(self), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(key, f"unknown {self.kind} {name!r}",
-                              f"{hint}choose one of: {', '.join(self)} (or register your own in a plugin)")
-        return self[name]
+        if name in self:
+            return self[name]
+        prefix, dot, rest = name.partition(".")
+        if dot and prefix in self.families:
+            return self.families[prefix](key, rest)
+        close = difflib.get_close_matches(name, list(self), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(key, f"unknown {self.kind} {name!r}",
+                          f"{hint}choose one of: {', '.join(self.choices())} (or register your own in a plugin)")

@@ -229,7 +229,7 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], dict[s
     """
     checkpoint = load_checkpoint(path)
     config = validate_config(checkpoint["config"])
-    model, _ = build_model(config, checkpoint_classes(checkpoint, config.dataset))
+    model, _ = build_model(config, checkpoint_classes(checkpoint, config.dataset), initialize=False)
     load_model_state(model, checkpoint["model"], path)
     return model, checkpoint["config"], checkpoint
 

@@ -6,7 +6,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,29 +39,53 @@ class EpochState:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain periodic log lines otherwise (Slurm logs, CI)."""
+    """A tqdm bar on a terminal; plain periodic log lines otherwise (Slurm logs, CI).
+
+    Both show the images per second the loop gets from its loader and the share of the time it spent waiting for
+    them (near 0 % when the loader keeps up; high when it is the bottleneck). Items are ``(inputs, targets)``
+    batches; the images are counted from ``targets``.
+    """
 
     def __init__(self, iterable: Iterable, total: int, desc: str, log_interval: int = 50) -> None:
         self.total, self.desc, self.log_interval = total, desc, log_interval
         self.interactive = sys.stdout.isatty() and is_main_process()
+        self.images, self.waited = 0, 0.0
         if self.interactive:
             from tqdm import tqdm
 
-            self.iterable = tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+            self.iterable = tqdm(self.timed(iterable), total=total, desc=desc, leave=False, dynamic_ncols=True)
         else:
-            self.iterable = iterable
+            self.iterable = self.timed(iterable)
         self.start = time.perf_counter()
+
+    def timed(self, iterable: Iterable) -> Iterator:
+        """``iterable``'s batches, counting their images and the time spent waiting for each."""
+        iterator = iter(iterable)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - asked
+            self.images += len(batch[1])
+            yield batch
 
     def __iter__(self):
         return iter(self.iterable)
 
+    def throughput(self) -> str:
+        """``<images per second> img/s, <share> waiting for data`` since the start."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return f"{self.images / elapsed:.0f} img/s, {self.waited / elapsed:.0%} waiting for data"
+
     def update(self, step: int, **values: float) -> None:
         text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         if self.interactive:
-            self.iterable.set_postfix_str(text, refresh=False)
+            self.iterable.set_postfix_str(f"{text} {self.throughput()}", refresh=False)
         elif step % self.log_interval == 0 or step == self.total:
             rate = step / max(time.perf_counter() - self.start, 1e-9)
-            log.info("%s step %d/%d %s (%.1f it/s)", self.desc, step, self.total, text, rate)
+            log.info("%s step %d/%d %s (%.1f it/s, %s)", self.desc, step, self.total, text, rate, self.throughput())
 
     def close(self) -> None:
         if self.interactive:

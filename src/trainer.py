@@ -26,7 +26,7 @@ from src.compression import CompressionMonitor
 from src.config import TrainConfig, config_differences, config_to_dict, runtime_keys
 from src.data import DatasetPair, build_loaders, declared_classes, load_dataset
 from src.device_data import device_loaders
-from src.errors import CheckpointError, ConfigError, NonFiniteLossError, Preempted, RunFailure
+from src.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, Preempted, RunFailure
 from src.experiment import LossTerm, build_loss_terms, build_model, optimizer_for, run_name, scheduler_for, seed_everything
 from src.optim import scheduled_learning_rates, warn_if_dead_zone_collapses
 from src.report import write_run_report
@@ -74,6 +74,8 @@ def load_data(config: TrainConfig) -> DatasetPair:
     """The config's data set. Raises RunFailure naming the data set and directory when it cannot be read."""
     try:
         return load_dataset(config.dataset, config.data_dir, config.img_size)
+    except DataError:
+        raise  # names the file and what to do with it already
     except (OSError, RuntimeError, ValueError) as error:  # missing, unreadable or corrupt files
         raise RunFailure(f"cannot load data set {config.dataset!r} from {config.data_dir!r}: "
                          f"{str(error).splitlines()[0] if str(error) else type(error).__name__}; "
@@ -170,8 +172,10 @@ def describe(setup: Setup, start: Start) -> str:
     skipped = [name for name, module in model.named_modules()
                if owns_weight(module) and not parametrize.is_parametrized(module, "weight")]
     size = sum(p.numel() for p in model.parameters())
+    # A data set that declares no number of classes is read by prepare(), for the model's head.
+    read = "the data set was read for its number of classes" if setup.data is not None else "no data was loaded"
     lines = [
-        "dry run: the config is valid; no data was loaded and nothing was written",
+        f"dry run: the config is valid; {read} and nothing was written",
         f"run name:   {start.run_dir.name}",
         f"run dir:    {where}",
         f"device:     {setup.device}",
@@ -274,9 +278,11 @@ class TrainingRun:
                 config.dataset, data, config.img_size, config.batch_size, setup.device, config.seed,
                 rank=distributed.rank(), world_size=distributed.world_size())
         else:
+            pin_memory = setup.device.type == "cuda" if config.pin_memory is None else config.pin_memory
             self.train_loader, self.val_loader = build_loaders(
-                data, config.batch_size, config.workers, self.generator, pin_memory=setup.device.type == "cuda",
-                rank=distributed.rank(), world_size=distributed.world_size())
+                data, config.batch_size, config.workers, self.generator, pin_memory=pin_memory,
+                rank=distributed.rank(), world_size=distributed.world_size(),
+                persistent_workers=config.persistent_workers, prefetch_factor=config.prefetch_factor)
         dz_collapse_warning(config, len(self.train_loader))
         if distributed.world_size() > 1:
             log.info("global batch %d (%d processes x batch_size %d)", config.batch_size * distributed.world_size(),

@@ -45,3 +45,42 @@ def write_config(tmp_path: Path, config: dict, name: str = "config.yaml") -> Pat
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def write_image_tree(root: Path, classes: int = 3, per_class: tuple[int, int] = (8, 8), size: int = 40,
+                     seed: int = 0) -> Path:
+    """A small data set of real JPEG files in the ImageFolder layout: ``root/{train,val}/class<k>/<i>.jpg``.
+
+    Each class is a noisy image of its own colour with a bright square at its own place, so a model learns it in a few
+    steps; ``per_class`` is the number of (train, val) images of each class.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(40, 216, size=(classes, 3))
+    for split, count in zip(("train", "val"), per_class):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = colours[label] + rng.normal(0, 25, size=(size, size + 4, 3))
+                corner = (label * size // classes) % (size - 8)
+                pixels[corner:corner + 8, corner:corner + 8] = 255
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{index}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory) -> Path:
+    """One generated JPEG tree (3 classes, 8 training and 8 validation images each) shared by the session's tests."""
+    return write_image_tree(tmp_path_factory.mktemp("images"))
+
+
+def image_config(tmp_path: Path, data_dir: Path, **overrides) -> dict:
+    """A 1-epoch CPU config training torchvision's ResNet-18 on an image folder at 32 px."""
+    config = {"model": "resnet18", "dataset": "imagefolder", "data_dir": str(data_dir), "epochs": 1, "batch_size": 12,
+              "img_size": 32, "workers": 0, "save_dir": str(tmp_path / "runs"), "log_interval": 1,
+              "optimizer": {"type": "adamw", "param_groups": {"base": {"lr": 0.003}}}}
+    config.update(overrides)
+    return config

@@ -99,8 +99,10 @@ CASES = {
                                 "loss_terms.0.kwargs.lambda_linear", ["valid number"]),
     "lambda not a number": (setting("loss_terms", [{**GROUP_LASSO, "lambda": "big"}]), [], "loss_terms.0.lambda",
                             ["valid number"]),
-    "unknown model": (setting("model", "resnet18"), [], "model", ["unknown model 'resnet18'", "resnet20", "vit"]),
-    "unknown dataset": (setting("dataset", "imagenet"), [], "dataset", ["unknown data set 'imagenet'", "cifar10, digits"]),
+    "unknown model": (setting("model", "resnet19"), [], "model",
+                      ["unknown model 'resnet19'", "resnet20", "vit", "torchvision.<name>, timm.<name>"]),
+    "unknown dataset": (setting("dataset", "imagenet21k"), [], "dataset",
+                        ["unknown data set 'imagenet21k'", "did you mean 'imagenet'?", "cifar10, cifar100, digits"]),
     "unknown optimizer": (setting("optimizer.type", "lamb"), [], "optimizer.type",
                           ["unknown optimizer 'lamb'", "adamw, adam, sgd"]),
     "unknown scheduler": (setting("lr_scheduler", "exponential"), [], "lr_scheduler.type",
@@ -182,11 +184,11 @@ def test_command_line_prints_no_traceback_and_creates_nothing(tmp_path):
 
 
 def test_verbose_adds_the_traceback(tmp_path, capsys):
-    path = write_config(tmp_path, quick_config(tmp_path, model="resnet18"))
+    path = write_config(tmp_path, quick_config(tmp_path, model="resnet19"))
     assert run_training.main(["--config", str(path), "--verbose"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err
-    assert err.strip().splitlines()[-1].startswith(f"config error: {path}: model: unknown model 'resnet18'")
+    assert err.strip().splitlines()[-1].startswith(f"config error: {path}: model: unknown model 'resnet19'")
 
 
 def test_set_overrides_reach_the_resolved_config(tmp_path, capsys):

@@ -1,0 +1,42 @@
+"""The ImageNet configs: each passes --dry-run with its pretrained weights in a local cache the test writes, and runs
+an epoch on a generated JPEG image folder (the data set and sizes overridden, as a laptop would)."""
+import json
+
+import pytest
+import torch
+
+import run_training
+from src.models import create_model
+
+WEIGHT_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
+LAYERS = {"resnet18": 21, "resnet50": 54}  # every conv (downsample.0 included) and fc
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory):
+    """A torch cache holding stand-ins for torchvision's ImageNet weights of ResNet-18 and ResNet-50."""
+    home = tmp_path_factory.mktemp("torch_home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    for model, name in WEIGHT_FILES.items():
+        torch.manual_seed(0)
+        torch.save(create_model(model, 1000, 224).state_dict(), home / "hub" / "checkpoints" / name)
+    return home
+
+
+@pytest.mark.parametrize("model", list(WEIGHT_FILES))
+def test_imagenet_config_dry_runs_and_trains_an_epoch(tmp_path, capsys, monkeypatch, torch_home, image_tree, model):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    config = f"configs/deadzone_{model}_imagenet.yaml"
+    save = [f"--set=save_dir={tmp_path}", "--set=wandb_project=null", "--device", "cpu"]
+    assert run_training.main(["--config", config, "--dry-run", *save]) == 0
+    out = capsys.readouterr().out
+    assert f"model:      {model} (" in out and "img_size 224, imagenet (1000 classes), 30 epochs of batch 256" in out
+    assert f"quantized:  {LAYERS[model]} layers: conv1, layer1.0.conv1," in out
+    assert "scheduler:  cosine over 30 epochs after 1 warm-up epochs" in out
+    small = [f"--set={key}={value}" for key, value in (("dataset", "imagefolder"), ("data_dir", image_tree),
+                                                       ("img_size", 32), ("batch_size", 24), ("epochs", 1),
+                                                       ("workers", 0))]
+    assert run_training.main(["--config", config, *save, *small]) == 0
+    [run_dir] = [path for path in tmp_path.iterdir() if path.is_dir()]
+    [record] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["epoch"] == 1 and record["mean_bits"] == 8 and record["lr"] == pytest.approx(1e-5)
