@@ -18,6 +18,21 @@ from src.errors import RegistrationError
 from src.quantizer import QUANTIZER_REGISTRY
 
 
+@pytest.fixture(autouse=True)
+def registries_as_shipped():
+    """What a test's plugins register is gone after it (and their modules, so the next test imports them anew):
+    other test files expect the shipped choices only."""
+    from src.config import REGISTRIES
+
+    saved = [(registry, dict(registry)) for registry in REGISTRIES.values()]
+    yield
+    for registry, entries in saved:
+        dict.clear(registry)
+        dict.update(registry, entries)
+    for name in [name for name in sys.modules if name.startswith("codeq_plugin_")]:
+        del sys.modules[name]
+
+
 def test_the_seeds_imports_and_registry_work_verbatim():
     from src.quantizer import DeadZoneLDZCompander
     from src.utils_quantization import UniformSymmetric
