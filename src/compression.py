@@ -177,6 +177,24 @@ def inference_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without parametrizations: each parametrized tensor is a plain Parameter holding its
+    latent (unparametrized) value. ``model`` keeps its quantizers.
+
+    Not ``remove_parametrizations`` on a deep copy: the copy shares its injected ``Parametrized*`` class with the
+    original, and removal deletes that class's property, which leaves the original without its weight.
+    """
+    copied = copy.deepcopy(model)
+    for module in list(copied.modules()):
+        if parametrize.is_parametrized(module):
+            latent = {name: parametrization.original for name, parametrization in module.parametrizations.items()}
+            module.__class__ = type(module).__bases__[0]
+            del module._modules["parametrizations"]
+            for name, parameter in latent.items():
+                module.register_parameter(name, parameter)
+    return copied
+
+
 def structural_probe(model: nn.Module, seed: int = 0) -> nn.Module:
     """A float64 CPU copy of ``model`` with its compressed zero pattern and positive random values elsewhere.
 
@@ -186,10 +204,7 @@ def structural_probe(model: nn.Module, seed: int = 0) -> nn.Module:
     shuts, so a channel is constant across inputs only when the zero pattern makes it so.
     """
     state = inference_state(model)
-    probe = copy.deepcopy(model)
-    for name, module in probe.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    probe = plain_copy(model)
     probe.load_state_dict(state)
     probe = probe.to("cpu", torch.float64).eval()
     generator = torch.Generator().manual_seed(seed)
