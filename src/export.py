@@ -1,6 +1,7 @@
 """The compressed model on disk: bit-packed integer codes, per-layer step and offset, a sparse index.
 
-    python -m src.export CHECKPOINT OUT
+    python -m src.export CHECKPOINT OUT.codeq
+    python -m src.export CHECKPOINT OUT.onnx [--slim] [--check]    # standard ONNX: see src/onnx_export.py
 
 A quantized weight is stored as its integer codes c in [-Q, Q] (Q = 2^(b-1) - 1), each as c + Q in
 b bits, little-endian bit order, packed into bytes; either every code (dense layout) or a bitmap of
@@ -37,6 +38,7 @@ from src.utils_quantization import latent_weight, quantizer_of
 FORMAT = "codeq-export"
 VERSION = 1
 EXIT_BAD_INPUT = 2
+FORMATS = (".codeq", ".onnx")
 
 
 class ExportError(ValueError):
@@ -191,23 +193,46 @@ def size_lines(model: nn.Module, out: Path, checkpoint: Path) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="last.pt or best.pt of a run (or the run directory)")
-    parser.add_argument("out", type=Path, help="file to write, e.g. model.codeq")
+    parser.add_argument("out", type=Path, help="file to write; its suffix picks the format: .codeq or .onnx")
+    parser.add_argument("--slim", action="store_true", help=".onnx: remove the null channels that can go exactly")
+    parser.add_argument("--check", action="store_true",
+                        help=".onnx: also compare onnxruntime with PyTorch on the run's validation set")
     return parser.parse_args(argv)
+
+
+def format_problem(args: argparse.Namespace) -> str | None:
+    """Why the output suffix and the options do not go together, or None."""
+    suffix = args.out.suffix.lower()
+    if suffix not in FORMATS:
+        return f"{args.out}: unknown format {suffix or '(no suffix)'!r}; name the file .codeq or .onnx"
+    if suffix != ".onnx" and (args.slim or args.check):
+        return "--slim and --check apply to ONNX exports; name the output file .onnx"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = resolve_checkpoint(args.checkpoint)
+    problem = format_problem(args)
+    if problem:
+        print(f"export error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         model, config, _ = model_from_checkpoint(checkpoint)
-        export_model(model, config, args.out)
+        if args.out.suffix.lower() == ".onnx":
+            from src.onnx_export import export_checkpoint_onnx  # onnx and onnxruntime load only for ONNX
+
+            lines = export_checkpoint_onnx(model, config, args.out, slim=args.slim, check=args.check)
+        else:
+            export_model(model, config, args.out)
+            lines = size_lines(model, args.out, checkpoint)
     except ConfigError as error:
         print(error.line(), file=sys.stderr)
         return EXIT_BAD_INPUT
     except (CheckpointError, ExportError) as error:
         print(f"export error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print("\n".join(size_lines(model, args.out, checkpoint)))
+    print("\n".join(lines))
     return 0
 
 

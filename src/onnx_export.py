@@ -359,3 +359,24 @@ def export_onnx(model: nn.Module, example: Tensor, out: Path, slim: bool = False
         model.train(was_training)
     return OnnxExport(out, len(data), fp32_bytes, model_size(model).compressed_bytes, encodings,
                       {**floats, **unencoded}, agreement, accuracy, slim_lines)
+
+
+def validation_batches(config: dict) -> Iterable[tuple[Tensor, Tensor]]:
+    """The run's validation set as (inputs, labels) batches, in order. Raises ExportError when the data is missing."""
+    from torch.utils.data import DataLoader
+
+    from src.data import DATASET_REGISTRY
+
+    try:
+        dataset = DATASET_REGISTRY[config["dataset"]].build(config["data_dir"], config["img_size"]).val
+    except FileNotFoundError as error:
+        raise ExportError(f"--check needs the run's validation data: {error}") from None
+    return DataLoader(dataset, batch_size=256, shuffle=False, num_workers=0)
+
+
+def export_checkpoint_onnx(model: nn.Module, config: dict, out: Path, slim: bool, check: bool) -> list[str]:
+    """``export_onnx`` for a run's model and config (``--check``: also on its validation set); the lines to print."""
+    from src.report import example_input
+
+    validation = validation_batches(config) if check else None
+    return export_onnx(model, example_input(config), out, slim=slim, validation=validation).lines()
