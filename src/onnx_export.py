@@ -33,8 +33,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
-from src.compression import MAC_LAYERS, inference_state, model_size, plain_copy, single_sample
-from src.export import ExportError, decode_weight, layer_codes
+from src.compression import MAC_LAYERS, compressed_weight, inference_state, model_size, plain_copy, single_sample
+from src.export import ExportError, layer_codes
 from src.utils_quantization import quantized_layers
 
 OPSET = 21  # INT4 tensors and DequantizeLinear on them exist from opset 21 (IR version 10) on
@@ -49,19 +49,18 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 @dataclass(frozen=True)
 class LayerGrid:
     """A quantized weight as integer codes (int64, the weight's shape) on the grid sign(c) * offset + step * c;
-    ``step`` and ``offset`` are 0-dim tensors of the weight's dtype."""
+    ``step`` and ``offset`` are 0-dim tensors of the weight's dtype, ``weight`` the values the codes decode to."""
 
     codes: Tensor
     step: Tensor
     offset: Tensor
     bits: int
-
-    def decode(self) -> Tensor:
-        return decode_weight(self.codes, self.step, self.offset)
+    weight: Tensor
 
     def select(self, rows: Tensor, columns: Tensor) -> LayerGrid:
         """The grid of the weight's sub-tensor ``weight[rows][:, columns]`` (index tensors)."""
-        return LayerGrid(self.codes[rows][:, columns], self.step, self.offset, self.bits)
+        return LayerGrid(self.codes[rows][:, columns], self.step, self.offset, self.bits,
+                         self.weight[rows][:, columns])
 
 
 def weight_key(module_name: str) -> str:
@@ -94,7 +93,7 @@ def layer_grids(model: nn.Module) -> tuple[dict[str, LayerGrid], dict[str, str]]
         if step.dtype != torch.float32:
             floats[key] = f"stored as float: a {step.dtype} weight has no float32 dequantization"
             continue
-        grids[key] = LayerGrid(codes, step, offset, bits)
+        grids[key] = LayerGrid(codes, step, offset, bits, compressed_weight(module).cpu())
     return grids, floats
 
 
@@ -139,6 +138,23 @@ def without_debug_info(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def with_values(graph: onnx.ModelProto, plain: nn.Module) -> onnx.ModelProto:
+    """A copy of ``graph`` (``to_onnx`` of a model of the same architecture) holding ``plain``'s tensors: every
+    initializer named by a state-dict key gets that tensor's values. Raises ExportError on a shape or dtype change."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(graph)
+    state = plain.state_dict()
+    for index, tensor in enumerate(proto.graph.initializer):
+        if tensor.name not in state:
+            continue
+        value = state[tensor.name].detach().cpu().numpy()
+        if list(tensor.dims) != list(value.shape) or helper.np_dtype_to_tensor_dtype(value.dtype) != tensor.data_type:
+            raise ExportError(f"the graph given for reuse does not fit this model: {tensor.name} differs in shape or "
+                              "dtype")
+        proto.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, tensor.name))
+    return proto
+
+
 def code_array(grid: LayerGrid) -> np.ndarray:
     """The codes as int4 (``bits`` <= 4) or int8 numpy values, the dtypes onnx stores as INT4 / INT8."""
     dtype = ml_dtypes.int4 if grid.bits <= INT4_MAX_BITS else np.int8
@@ -160,8 +176,7 @@ def encode_weights(proto: onnx.ModelProto, grids: dict[str, LayerGrid]) -> tuple
         if tensor is None:
             floats[key] = "stored as float32: the exporter did not keep it as an initializer"
             continue
-        expected = grid.decode().numpy()
-        if not np.array_equal(numpy_helper.to_array(tensor), expected):
+        if not np.array_equal(numpy_helper.to_array(tensor), grid.weight.numpy()):
             raise ExportError(f"initializer {key} does not hold the quantized weight; the exported graph is not the "
                               "model's")
         graph.initializer.remove(tensor)
@@ -319,11 +334,13 @@ def validate_export(runner: ort.InferenceSession, reference: nn.Module,
 
 @torch.no_grad()
 def export_onnx(model: nn.Module, example: Tensor, out: Path, slim: bool = False,
-                validation: Iterable[tuple[Tensor, Tensor]] | None = None) -> OnnxExport:
+                validation: Iterable[tuple[Tensor, Tensor]] | None = None,
+                graph: onnx.ModelProto | None = None) -> OnnxExport:
     """Write ``model`` (quantizers attached, CPU) to ``out`` as ONNX with integer-code weights; with ``slim``,
     without its removable null channels (``src.slim``).
 
-    ``example`` is one input ([C, H, W]) or a batch. Before anything is written, onnxruntime runs the file on
+    ``example`` is one input ([C, H, W]) or a batch. ``graph``: ``to_onnx`` of a model of the same architecture,
+    reused instead of exporting again (torch.onnx takes seconds, a ViT ~10 s). Before anything is written, onnxruntime runs the file on
     ``CHECK_BATCH`` random inputs and, with ``validation`` ((inputs, labels) batches), on those too; outputs must
     agree with the fake-quantized model (``Agreement.ok``). Raises ExportError otherwise, or when the model cannot be
     exported; ``out`` is then left as it was.
@@ -333,7 +350,7 @@ def export_onnx(model: nn.Module, example: Tensor, out: Path, slim: bool = False
     try:
         grids, floats = layer_grids(model)
         plain = plain_model(model)
-        proto = to_onnx(plain, example)
+        proto = to_onnx(plain, example) if graph is None else with_values(graph, plain)
         fp32_bytes = len(serialized(proto))  # the same graph with float32 weights
         slim_lines: list[str] = []
         if slim:
