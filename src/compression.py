@@ -17,7 +17,7 @@ from src.utils_quantization import latent_weight, quantized_layers, quantizer_of
 
 MAC_LAYERS = (nn.Conv2d, nn.Linear)
 FP32_BITS = 32
-# Activations are not quantized: every MAC multiplies by a 32-bit activation (paper, Eqs. 20-22).
+# Activations are not quantized: by default every MAC multiplies by a 32-bit activation (paper, Eqs. 20-22).
 ACTIVATION_BITS = 32
 # Per quantized layer the step s and the offset delta, as float32.
 SCALE_BYTES = 8
@@ -27,9 +27,24 @@ CONSTANT_TOLERANCE = 1e-9
 PROBE_SAMPLES = 3
 
 
+@dataclass(frozen=True)
+class BopsSettings:
+    """The bit-widths BOPs count: activations, and the weights of layers left in FP32 (config section ``report``).
+    The dense reference of Rel. BOPs stays 32-bit weights times 32-bit activations."""
+
+    activation_bits: int = ACTIVATION_BITS
+    fp_weight_bits: int = FP32_BITS
+
+    @classmethod
+    def of(cls, config: dict) -> BopsSettings:
+        """The settings of a resolved config dict (defaults where it has no ``report`` section: older runs)."""
+        return cls(**(config.get("report") or {}))
+
+
 @dataclass
 class LayerStats:
-    """One counted layer. ``bits`` is 32 and ``deadzone``/``step`` are None for layers left in FP32."""
+    """One counted layer. ``bits`` is 32 and ``deadzone``/``step`` are None for layers left in FP32, whose BOPs
+    count ``fp_weight_bits`` instead; every layer's BOPs count ``activation_bits`` per activation."""
 
     name: str
     kind: str
@@ -41,6 +56,8 @@ class LayerStats:
     nonzero: int
     macs: int = 0
     structured_macs: int | None = None
+    activation_bits: int = ACTIVATION_BITS
+    fp_weight_bits: int = FP32_BITS
 
     @property
     def sparsity(self) -> float:
@@ -51,8 +68,13 @@ class LayerStats:
         return self.nonzero / max(self.numel, 1)
 
     @property
+    def counted_bits(self) -> float:
+        """The weight bit-width BOPs count: the learned one, or ``fp_weight_bits`` for a layer left in FP32."""
+        return self.bits if self.quantized else self.fp_weight_bits
+
+    @property
     def bops(self) -> float:
-        return self.density * self.macs * self.bits * ACTIVATION_BITS
+        return self.density * self.macs * self.counted_bits * self.activation_bits
 
     @property
     def dense_bops(self) -> int:
@@ -62,7 +84,7 @@ class LayerStats:
     def structured_bops(self) -> float | None:
         if self.structured_macs is None:
             return None
-        return self.structured_macs * self.bits * ACTIVATION_BITS
+        return self.structured_macs * self.counted_bits * self.activation_bits
 
 
 def compressed_weight(module: nn.Module) -> Tensor:
@@ -85,9 +107,9 @@ def counted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def layer_stats(model: nn.Module, macs: dict[str, int] | None = None,
-                structured_macs: dict[str, int] | None = None) -> list[LayerStats]:
-    """One entry per counted module, measured on its current compressed weight."""
+def layer_stats(model: nn.Module, macs: dict[str, int] | None = None, structured_macs: dict[str, int] | None = None,
+                settings: BopsSettings = BopsSettings()) -> list[LayerStats]:
+    """One entry per counted module, measured on its current compressed weight; BOPs counted with ``settings``."""
     macs, structured_macs = macs or {}, structured_macs or {}
     stats = []
     for name, module in counted_modules(model):
@@ -100,7 +122,7 @@ def layer_stats(model: nn.Module, macs: dict[str, int] | None = None,
             bits, deadzone, step = float(FP32_BITS), None, None
         stats.append(LayerStats(name, layer_kind(module), quantizer is not None, bits, deadzone, step,
                                 weight.numel(), int(torch.count_nonzero(weight)), macs.get(name, 0),
-                                structured_macs.get(name)))
+                                structured_macs.get(name), settings.activation_bits, settings.fp_weight_bits))
     return stats
 
 
@@ -329,9 +351,9 @@ class CompressionMonitor:
         self.example = single_sample(example).detach().cpu()
         self.macs = count_macs(model, self.example)
 
-    def stats(self, structured: bool = False) -> list[LayerStats]:
+    def stats(self, structured: bool = False, settings: BopsSettings = BopsSettings()) -> list[LayerStats]:
         extra = structured_macs(self.model, self.example, self.macs) if structured else None
-        return layer_stats(self.model, self.macs, extra)
+        return layer_stats(self.model, self.macs, extra, settings)
 
     def epoch_metrics(self) -> dict[str, float]:
         """Flat metrics for one epoch's record: summary plus ``layer_bits/<name>`` and ``layer_sparsity/<name>``.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import re
 import typing
 from pathlib import Path
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from src.data import DATASET_REGISTRY
 from src.models import MODEL_REGISTRY
 from src.structured_loss import LOSS_REGISTRY
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -83,6 +86,38 @@ class SchedulerConfig(Section):
     eta_min: float = Field(0.0, ge=0, description="final learning rate of the cosine schedule")
 
 
+class ReportConfig(Section):
+    activation_bits: int = Field(32, ge=1, le=32, description="activation bit-width that BOPs count (32: not "
+                                 "quantized); Rel. BOPs stays relative to 32-bit weights and activations")
+    fp_weight_bits: int = Field(32, ge=1, le=32, description="weight bit-width that BOPs count for layers left in FP32")
+
+
+# The reference implementation's top-level keys, read as aliases (None: accepted, no effect).
+REFERENCE_ALIASES = {"default_activation_bitrate": "activation_bits", "default_weight_bitrate": "fp_weight_bits",
+                     "eval_bobs": None}
+
+
+def reference_aliases(data: Any) -> Any:
+    """``data`` with the REFERENCE_ALIASES keys moved into ``report``, each with a logged notice."""
+    if not isinstance(data, dict) or not data.keys() & REFERENCE_ALIASES.keys():
+        return data
+    data, report = dict(data), dict(data.get("report") or {})
+    for alias, key in REFERENCE_ALIASES.items():
+        if alias not in data:
+            continue
+        value = data.pop(alias)
+        if key is None:
+            log.info("config: %s is the reference implementation's key; Rel. BOPs are logged every epoch anyway, so "
+                     "it has no effect", alias)
+        elif report.get(key, value) != value:
+            raise ConfigError(alias, f"says {value!r} but report.{key} says {report[key]!r}", "keep one of the two")
+        else:
+            report[key] = value
+            log.info("config: %s (the reference implementation's key) is read as report.%s: %r", alias, key, value)
+    data["report"] = report
+    return data
+
+
 class TrainConfig(Section):
     model: str = Field(description="model from MODEL_REGISTRY (resnet20/32/44/56/110, vit, mlp)")
     epochs: int = Field(ge=1, description="training epochs (also the cosine T_max)", json_schema_extra=RUNTIME)
@@ -116,6 +151,11 @@ class TrainConfig(Section):
                               json_schema_extra=RUNTIME)
     run_name: str | None = Field(None, pattern=r"^[\w.=+-]+$", description="name of the run directory and W&B run; "
                                  "null: `<model>_<quantizer><bits>b_e<epochs>_lr<lr>` (+ `_gb<global batch>` under DDP)")
+    report: ReportConfig = Field(default_factory=ReportConfig, json_schema_extra=RUNTIME, description="how reports "
+                                 "count BOPs; aliases: `default_activation_bitrate`, `default_weight_bitrate`, "
+                                 "`eval_bobs` (no effect) at the top level")
+
+    _reference_aliases = model_validator(mode="before")(reference_aliases)
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod
