@@ -6,7 +6,9 @@ in docs/compression.md; this module is its implementation.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import operator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -268,21 +270,78 @@ def null_input_channels(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
 
     handles = [module.register_forward_pre_hook(recorder(name, module))
                for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
-    generator = torch.Generator().manual_seed(1)
-    sample = single_sample(example)
-    inputs = torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
     try:
-        probe(inputs)
+        probe(probe_batch(example))
     finally:
         for handle in handles:
             handle.remove()
     return captured
 
 
+def probe_batch(example: Tensor) -> Tensor:
+    """PROBE_SAMPLES seeded random positive float64 inputs of ``example``'s item shape."""
+    generator = torch.Generator().manual_seed(1)
+    sample = single_sample(example)
+    return torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
+
+
+def probe_cotangent(output: Tensor) -> Tensor:
+    """The seeded random positive gradient the probe's output is given, so that no gradient cancels."""
+    return torch.rand(output.shape, generator=torch.Generator().manual_seed(2), dtype=output.dtype) + 0.5
+
+
+def dead_channel_mask(tensor: Tensor, dim: int) -> Tensor:
+    """Channels (along ``dim``) of a probe tensor whose gradient is zero for every sample at every position: the
+    output does not depend on them (all of them when no gradient reached the tensor)."""
+    grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+    values = grad.movedim(dim, -1).reshape(-1, grad.shape[dim])
+    return values.abs().amax(0) <= CONSTANT_TOLERANCE * grad.abs().max()
+
+
+def dead_channels(model: nn.Module, example: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """For every Conv2d/Linear that runs: bool masks of its (input, output) channels that the output does not
+    depend on, because every weight that reads them is zero (a column of zeros, e.g. from group lasso).
+
+    Measured on ``structural_probe(model)``: its output, given a positive random gradient, is differentiated
+    back; with positive values nothing cancels and no ReLU shuts, so a channel's gradient is zero only when the
+    zero pattern makes it so.
+    """
+    probe = structural_probe(model)
+    captured: dict[str, list[tuple[Tensor, Tensor]]] = {}
+
+    def recorder(name: str):
+        def record(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            for tensor in (inputs[0], output):
+                if tensor.requires_grad:
+                    tensor.retain_grad()
+            captured.setdefault(name, []).append((inputs[0], output))
+        return record
+
+    handles = [module.register_forward_hook(recorder(name))
+               for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
+    inputs = probe_batch(example).requires_grad_()
+    try:
+        output = probe(inputs)
+        output.backward(probe_cotangent(output))
+    finally:
+        for handle in handles:
+            handle.remove()
+    dead_inputs, dead_outputs = {}, {}
+    for name, calls in captured.items():
+        dim = channel_dim(probe.get_submodule(name))
+        # A layer called more than once has a dead channel only when every call agrees.
+        dead_inputs[name] = functools.reduce(operator.and_, [dead_channel_mask(i, dim) for i, _ in calls])
+        dead_outputs[name] = functools.reduce(operator.and_, [dead_channel_mask(o, dim) for _, o in calls])
+    return dead_inputs, dead_outputs
+
+
 @torch.no_grad()
 def structured_macs(model: nn.Module, example: Tensor, macs: dict[str, int]) -> dict[str, int]:
-    """MACs per Conv2d/Linear left after removing whole null output channels and null input channels."""
+    """MACs per Conv2d/Linear left after removing whole null or dead output channels and null or dead input
+    channels."""
     null_inputs = null_input_channels(model, example)
+    with torch.enable_grad():
+        dead_inputs, dead_outputs = dead_channels(model, example)
     result = {}
     for name, module in model.named_modules():
         if not isinstance(module, MAC_LAYERS):
@@ -290,12 +349,15 @@ def structured_macs(model: nn.Module, example: Tensor, macs: dict[str, int]) -> 
         weight = compressed_weight(module)
         groups = module.groups if isinstance(module, nn.Conv2d) else 1
         out_channels, in_per_group = weight.shape[0], weight.shape[1]
-        live_out = weight.flatten(1).ne(0).any(1).view(groups, -1).sum(1)
-        null_in = null_inputs.get(name, torch.zeros(in_per_group * groups, dtype=torch.bool))
-        live_in = (~null_in.cpu()).view(groups, -1).sum(1)
+        no_inputs = torch.zeros(in_per_group * groups, dtype=torch.bool)
+        no_outputs = torch.zeros(out_channels, dtype=torch.bool)
+        live_rows = weight.flatten(1).ne(0).any(1).cpu() & ~dead_outputs.get(name, no_outputs)
+        live_out = live_rows.view(groups, -1).sum(1)
+        null_in = null_inputs.get(name, no_inputs).cpu() | dead_inputs.get(name, no_inputs)
+        live_in = (~null_in).view(groups, -1).sum(1)
         # MACs of one (input channel, output channel) pair: kernel size times output positions.
         pair_macs = macs.get(name, 0) // (in_per_group * out_channels)
-        result[name] = int((live_in * live_out.cpu()).sum()) * pair_macs
+        result[name] = int((live_in * live_out).sum()) * pair_macs
     return result
 
 

@@ -22,7 +22,8 @@ import io
 import os
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import ml_dtypes
@@ -36,6 +37,9 @@ from torch import Tensor, nn
 from src.compression import MAC_LAYERS, compressed_weight, inference_state, model_size, plain_copy, single_sample
 from src.export import ExportError, layer_codes
 from src.utils_quantization import quantized_layers
+
+if TYPE_CHECKING:
+    from src.slim import SlimResult
 
 OPSET = 21  # INT4 tensors and DequantizeLinear on them exist from opset 21 (IR version 10) on
 INT4_MAX_BITS = 4
@@ -280,7 +284,7 @@ class OnnxExport:
     float_weights: dict[str, str]
     agreement: Agreement
     accuracy: Accuracy | None = None
-    slim_lines: list[str] = field(default_factory=list)
+    slim: SlimResult | None = None
 
     def lines(self) -> list[str]:
         kinds = list(self.encodings.values())
@@ -292,7 +296,7 @@ class OnnxExport:
                  f"{self.estimate_bytes:,} B",
                  f"weights as integer codes: {kinds.count('INT4')} INT4, {kinds.count('INT8')} INT8"]
         lines += [f"{count} weight{'s' if count > 1 else ''} {reason}" for reason, count in reasons.items()]
-        lines += self.slim_lines
+        lines += self.slim.lines() if self.slim is not None else []
         lines.append(f"checked against the fake-quantized model on {CHECK_BATCH} random inputs: "
                      f"{self.agreement.line()}")
         if self.accuracy is not None:
@@ -340,10 +344,10 @@ def export_onnx(model: nn.Module, example: Tensor, out: Path, slim: bool = False
     without its removable null channels (``src.slim``).
 
     ``example`` is one input ([C, H, W]) or a batch. ``graph``: ``to_onnx`` of a model of the same architecture,
-    reused instead of exporting again (torch.onnx takes seconds, a ViT ~10 s). Before anything is written, onnxruntime runs the file on
-    ``CHECK_BATCH`` random inputs and, with ``validation`` ((inputs, labels) batches), on those too; outputs must
-    agree with the fake-quantized model (``Agreement.ok``). Raises ExportError otherwise, or when the model cannot be
-    exported; ``out`` is then left as it was.
+    reused instead of exporting again (torch.onnx takes seconds, a ViT ~10 s). Before anything is written,
+    onnxruntime runs the file on ``CHECK_BATCH`` random inputs and, with ``validation`` ((inputs, labels)
+    batches), on those too; outputs must agree with the fake-quantized model (``Agreement.ok``). Raises ExportError
+    otherwise, or when the model cannot be exported; ``out`` is then left as it was.
     """
     was_training = model.training
     model.eval()
@@ -352,12 +356,12 @@ def export_onnx(model: nn.Module, example: Tensor, out: Path, slim: bool = False
         plain = plain_model(model)
         proto = to_onnx(plain, example) if graph is None else with_values(graph, plain)
         fp32_bytes = len(serialized(proto))  # the same graph with float32 weights
-        slim_lines: list[str] = []
+        slimmed = None
         if slim:
-            from src.slim import slim_model
+            from src.slim import slim_model  # src.slim imports this module
 
-            result = slim_model(model, example, grids)
-            proto, grids, slim_lines = to_onnx(result.model, example), result.grids, result.lines()
+            slimmed = slim_model(model, example, grids)
+            proto, grids = to_onnx(slimmed.model, example), slimmed.grids
         encodings, unencoded = encode_weights(proto, grids)
         data = serialized(proto)
         runner = session(data)
@@ -375,7 +379,7 @@ def export_onnx(model: nn.Module, example: Tensor, out: Path, slim: bool = False
     finally:
         model.train(was_training)
     return OnnxExport(out, len(data), fp32_bytes, model_size(model).compressed_bytes, encodings,
-                      {**floats, **unencoded}, agreement, accuracy, slim_lines)
+                      {**floats, **unencoded}, agreement, accuracy, slimmed)
 
 
 def validation_batches(config: dict) -> Iterable[tuple[Tensor, Tensor]]:

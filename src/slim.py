@@ -5,14 +5,16 @@ constant (the bias, 0 without one), and so is what per-channel operations (Batch
 it downstream. Slimming removes the row, the channel from the per-channel operations in between, and the matching
 input column of every Conv2d/Linear that reads it. That is exact when each reader either gets exactly 0 there or
 can absorb the constant into its bias: a Linear, or a convolution without zero padding (at a padded border the
-constant would be cut off, so a nonzero constant into a padded convolution keeps its channel).
+constant would be cut off, so a nonzero constant into a padded convolution keeps its channel). A channel that
+nothing reads (every weight that reads it is zero, as group lasso's zero columns make) goes too, with its row.
 
 The dependency structure is the one the report's structured column measures (``src.compression``): the model is
 traced with ``torch.fx`` and each channel is followed through the graph; at a residual addition a channel goes
 only when it goes in both operands, and channels copied by a zero padding along the channel axis (the CIFAR
-ResNets' option-A shortcut) go only together with their source. Whether a channel is constant is read from the
-structural probe (zero pattern only, ``structural_probe``) and, for its value, from the model itself. An operation
-this module does not know keeps every channel of its inputs, as do LayerNorm and attention, which mix channels.
+ResNets' option-A shortcut) go only together with their source. Whether a channel is constant or unread is read
+from the structural probe (zero pattern only: ``structural_probe``, ``dead_channels``) and a constant's value from
+the model itself. An operation this module does not know keeps every channel of its inputs, as do LayerNorm and
+attention, which mix channels.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from src.compression import CONSTANT_TOLERANCE, PROBE_SAMPLES, count_macs, single_sample, structural_probe
+from src.compression import (CONSTANT_TOLERANCE, count_macs, dead_channel_mask, probe_batch, probe_cotangent,
+                             structural_probe)
 from src.export import ExportError
 from src.onnx_export import RELATIVE_TOLERANCE, LayerGrid, check_inputs, layer_grids, plain_model, weight_key
 
@@ -63,7 +66,7 @@ def channel_rows(value: Tensor) -> Tensor:
 
 
 class Recorder(fx.Interpreter):
-    """Runs a traced module and keeps every node's output."""
+    """Runs a traced module and keeps every node's output (with its gradient once one is computed)."""
 
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module)
@@ -71,6 +74,8 @@ class Recorder(fx.Interpreter):
 
     def run_node(self, node: fx.Node) -> object:
         self.values[node.name] = result = super().run_node(node)
+        if isinstance(result, Tensor) and result.requires_grad:
+            result.retain_grad()
         return result
 
 
@@ -78,6 +83,16 @@ def recorded(module: fx.GraphModule, inputs: Tensor) -> dict[str, object]:
     recorder = Recorder(module)
     with torch.no_grad():
         recorder.run(inputs)
+    return recorder.values
+
+
+def recorded_with_gradients(probe: fx.GraphModule, example: Tensor) -> dict[str, object]:
+    """Every node's output of the structural probe on ``probe_batch``, each float tensor with its gradient for
+    ``probe_cotangent``: the same numbers as ``src.compression.dead_channels``."""
+    recorder = Recorder(probe)
+    with torch.enable_grad():
+        output = recorder.run(probe_batch(example).requires_grad_())
+        output.backward(probe_cotangent(output))
     return recorder.values
 
 
@@ -108,13 +123,15 @@ class SlimResult:
     """The slimmed plain model, the grids of its quantized weights and what slimming did.
 
     ``null_channels``: zero rows of the model's Conv2d/Linear weights; ``removed`` of them went, ``kept`` counts the
-    others by reason. ``parameters`` and ``macs`` (per sample): (before, after).
+    others by reason; ``unread``: nonzero rows that went because nothing reads their channel (zero columns
+    downstream). ``parameters`` and ``macs`` (per sample): (before, after).
     """
 
     model: fx.GraphModule
     grids: dict[str, LayerGrid]
     null_channels: int
     removed: int
+    unread: int
     kept: dict[str, int]
     parameters: tuple[int, int]
     macs: tuple[int, int]
@@ -123,8 +140,9 @@ class SlimResult:
     def lines(self) -> list[str]:
         before, after = self.parameters
         macs_before, macs_after = self.macs
-        lines = [f"slim: removed {self.removed} of {self.null_channels} null output channels; parameters "
-                 f"{before:,} -> {after:,}, MACs per sample {macs_before:,} -> {macs_after:,}"]
+        lines = [f"slim: removed {self.removed} of {self.null_channels} null output channels and {self.unread} "
+                 f"that nothing reads; parameters {before:,} -> {after:,}, MACs per sample {macs_before:,} -> "
+                 f"{macs_after:,}"]
         lines += [f"slim: kept {count} null channel{'s' if count > 1 else ''}: {reason}"
                   for reason, count in self.kept.items()]
         return lines
@@ -189,6 +207,7 @@ class ChannelGraph:
         self.traced, self.probe, self.real = traced, probe, real
         self.channels = Channels()
         self.constant: dict[str, Tensor] = {}  # node -> bool per channel: constant in the probe and the model
+        self.dead: dict[str, Tensor] = {}  # node -> bool per channel: the output does not depend on it
         self.value: dict[str, Tensor] = {}  # node -> the model's value per channel (float32)
         self.zero_rows: dict[str, Tensor] = {}  # Conv2d/Linear node -> bool per output channel
         self.calls = module_calls(traced.graph)
@@ -199,9 +218,13 @@ class ChannelGraph:
             self.connect(node)
 
     def measure(self, name: str) -> None:
-        probe, real = channel_rows(self.probe[name]), channel_rows(self.real[name])
+        probe, real = channel_rows(self.probe[name].detach()), channel_rows(self.real[name])
         spread = (probe.amax(0) - probe.amin(0)) <= CONSTANT_TOLERANCE * probe.abs().max()
         self.constant[name] = spread & (real.amax(0) == real.amin(0))
+        probe_value = self.probe[name]
+        # A tensor without a gradient path (a constant) is not known to be unread.
+        self.dead[name] = (dead_channel_mask(probe_value, channel_axis(probe_value)) if probe_value.requires_grad
+                           else torch.zeros(probe_value.shape[channel_axis(probe_value)], dtype=torch.bool))
         self.value[name] = real[0]
 
     def slots(self, name: str) -> range:
@@ -263,7 +286,9 @@ class ChannelGraph:
             return
         exact_fold = foldable(module)
         for channel in self.slots(source.name):
-            if self.constant[source.name][channel] and self.value[source.name][channel] != 0 and not exact_fold:
+            # A dead channel needs no fold: every row that reads it is dead too, and goes.
+            if (self.constant[source.name][channel] and not self.dead[source.name][channel]
+                    and self.value[source.name][channel] != 0 and not exact_fold):
                 self.channels.keep((source.name, channel), KEEP_PADDED)
 
     def connect_addition(self, node: fx.Node, sources: list[fx.Node]) -> None:
@@ -291,23 +316,28 @@ class ChannelGraph:
             return type(module).__name__
         return getattr(node.target, "__name__", str(node.target))
 
+    def null(self, slot: Slot) -> bool:
+        """A slot that may go as far as it alone goes: constant or dead, and at a Conv2d/Linear output a zero row or
+        dead (a nonzero row with constant inputs stays: the report counts it live)."""
+        name, channel = slot
+        if name not in self.constant:
+            return False
+        dead = bool(self.dead[name][channel])
+        if name in self.zero_rows and not (self.zero_rows[name][channel] or dead):
+            return False
+        return dead or bool(self.constant[name][channel])
+
     def removable(self) -> Callable[[Slot], bool]:
-        """Whether a slot goes: every slot of its set is constant, no slot of it must stay, and at a Conv2d/Linear
-        output it is a zero row."""
+        """Whether a slot goes: every slot of its set is null and no slot of it must stay."""
         blocked: dict[Slot, str] = {}
         for slot in list(self.channels.parent) + list(self.channels.reasons):
-            name, channel = slot
             root = self.channels.find(slot)
             if slot in self.channels.reasons:
                 blocked.setdefault(root, self.channels.reasons[slot])
-            elif name in self.constant and not self.constant[name][channel]:
-                blocked.setdefault(root, KEEP_LIVE)
-            elif name in self.zero_rows and not self.zero_rows[name][channel]:
+            elif not self.null(slot):
                 blocked.setdefault(root, KEEP_LIVE)
         self.blocked = blocked
-        return lambda slot: (slot[0] in self.constant and bool(self.constant[slot[0]][slot[1]])
-                             and self.channels.find(slot) not in blocked
-                             and (slot[0] not in self.zero_rows or bool(self.zero_rows[slot[0]][slot[1]])))
+        return lambda slot: self.null(slot) and self.channels.find(slot) not in blocked
 
     def kept_channels(self, name: str, removable: Callable[[Slot], bool]) -> Tensor:
         return torch.tensor([channel for channel in self.slots(name) if not removable((name, channel))],
@@ -331,9 +361,11 @@ def shrunk_weighted(module: nn.Conv2d | nn.Linear, rows: Tensor, columns: Tensor
     """``module`` with output channels ``rows`` and input channels ``columns`` only; the dropped input channels'
     constant ``values`` folded into the bias (exact for Linear and unpadded convolutions, and for zeros)."""
     weight = module.weight.detach()
-    bias = module.bias.detach()[rows].double() if module.bias is not None else torch.zeros(len(rows), dtype=torch.float64)
-    folded = weight[rows][:, dropped].double().flatten(2).sum(2) if weight.dim() > 2 else weight[rows][:, dropped].double()
-    shift = folded @ values.double()
+    bias = (module.bias.detach()[rows].double() if module.bias is not None
+            else torch.zeros(len(rows), dtype=torch.float64))
+    # A constant input adds value * (sum of its kernel) to every output position.
+    kernel = weight[0, 0].numel() if weight.dim() > 2 else 1
+    shift = weight[rows][:, dropped].double().reshape(len(rows), len(dropped), kernel).sum(2) @ values.double()
     needs_bias = module.bias is not None or bool(shift.ne(0).any())
     if isinstance(module, nn.Linear):
         slim = nn.Linear(len(columns), len(rows), bias=needs_bias)
@@ -378,14 +410,12 @@ def slim_model(model: nn.Module, example: Tensor, grids: dict[str, LayerGrid] | 
     traced, probe_module = trace(plain_model(model)), trace(structural_probe(model))
     if [node.name for node in traced.graph.nodes] != [node.name for node in probe_module.graph.nodes]:
         raise ExportError("--slim: the model traces differently from its own copy; export without --slim")
-    sample = single_sample(example)
-    probe_inputs = torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=torch.Generator().manual_seed(1),
-                              dtype=torch.float64) + 0.5
-    graph = ChannelGraph(traced, recorded(probe_module, probe_inputs), recorded(traced, check_inputs(example, 3)))
+    graph = ChannelGraph(traced, recorded_with_gradients(probe_module, example),
+                         recorded(traced, check_inputs(example, 3)))
     removable = graph.removable()
     parameters_before = sum(parameter.numel() for parameter in traced.parameters())
     macs_before = sum(count_macs(traced, example).values())
-    null_channels = removed = 0
+    null_channels = removed = unread = 0
     kept: Counter = Counter()
     slim_grids = dict(grids)
     for node, module in list(weighted_nodes(traced)):
@@ -395,13 +425,17 @@ def slim_model(model: nn.Module, example: Tensor, grids: dict[str, LayerGrid] | 
                                dtype=torch.long)
         zero_rows = graph.zero_rows[node.name]
         null_channels += int(zero_rows.sum())
-        for channel in torch.nonzero(zero_rows).flatten().tolist():
-            if removable((node.name, channel)):
+        for channel in graph.slots(node.name):
+            if not removable((node.name, channel)):
+                if zero_rows[channel]:
+                    kept[graph.blocked.get(graph.channels.find((node.name, channel)), KEEP_LIVE)] += 1
+            elif zero_rows[channel]:
                 removed += 1
             else:
-                kept[graph.blocked.get(graph.channels.find((node.name, channel)), KEEP_LIVE)] += 1
-        replace_module(traced, node.target, shrunk_weighted(module, rows, columns, dropped,
-                                                            graph.value[source][dropped]))
+                unread += 1
+        # Only constants fold; a dead channel's readers are dead rows, which go.
+        folded = torch.where(graph.constant[source][dropped], graph.value[source][dropped], 0.0)
+        replace_module(traced, node.target, shrunk_weighted(module, rows, columns, dropped, folded))
         key = weight_key(node.target)
         if key in slim_grids:
             slim_grids[key] = slim_grids[key].select(rows, columns)
@@ -423,6 +457,6 @@ def slim_model(model: nn.Module, example: Tensor, grids: dict[str, LayerGrid] | 
     if error > RELATIVE_TOLERANCE:
         raise ExportError(f"--slim: the slimmed model's outputs differ from the model's (relative max error "
                           f"{error:.2e}); export without --slim")
-    return SlimResult(traced, slim_grids, null_channels, removed, dict(kept),
+    return SlimResult(traced, slim_grids, null_channels, removed, unread, dict(kept),
                       (parameters_before, sum(parameter.numel() for parameter in traced.parameters())),
                       (macs_before, sum(count_macs(traced, example).values())), error)

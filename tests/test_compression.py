@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.compression import (BopsSettings, CompressionMonitor, count_macs, layer_stats, model_size,
+from src.compression import (BopsSettings, CompressionMonitor, count_macs, dead_channels, layer_stats, model_size,
                              null_input_channels, quantized_layer_bytes, structured_macs, summary)
 from src.models import create_model
 from src.quantizer import DeadZoneLDZCompander
@@ -206,3 +206,17 @@ def test_bops_settings_count_activations_and_fp32_weights_at_their_bits():
     totals = summary(list(stats.values()))
     assert totals["rel_bops"] == pytest.approx((0.25 * 4608 * 3 * 8 + 0.9 * 2560 * 16 * 8) / ((4608 + 2560) * 1024))
     assert totals["rel_bops_structured"] == pytest.approx((1152 * 3 * 8 + 576 * 16 * 8) / ((4608 + 2560) * 1024))
+
+
+def test_channels_that_nothing_reads_are_dead_and_structured_macs_drop_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    with torch.no_grad():
+        model[2].weight[:, 2] = 0  # a zero column: channel 2 of the first conv feeds nothing
+    example = torch.zeros(2, 8, 8)
+    dead_inputs, dead_outputs = dead_channels(model, example)
+    assert dead_outputs["0"].tolist() == [False, False, True, False] and dead_inputs["2"].tolist() == [False, False,
+                                                                                                        True, False]
+    assert not dead_inputs["0"].any() and not dead_outputs["2"].any()
+    macs = count_macs(model, example)
+    assert structured_macs(model, example, macs) == {"0": 2 * 3 * 9 * 64, "2": 3 * 3 * 64}

@@ -23,6 +23,7 @@ def resnet(removable_only: bool) -> torch.nn.Module:
     - layer1.0.conv1 rows 0 and 4: BN bias -1, ReLU makes them 0; they go (conv2 reads exact zeros).
     - stage 3's residual stream channels 2 and 5: null in all three blocks' conv2 and zero-padded by the
       shortcut of layer3.0; BN bias -1, so the sum stays 0 through every addition; they go everywhere.
+    - layer2.1.conv2 column 6 (not a row): nothing reads channel 6 of layer2.1.conv1, whose row goes.
     Unless ``removable_only``:
     - layer1.0.conv1 row 3 with BN bias +1: a constant 1 into the padded conv2 stays (not exact).
     - stage 3 channel 7 null in layer3.1.conv2 only: the addition meets a live channel, it stays.
@@ -37,6 +38,7 @@ def resnet(removable_only: bool) -> torch.nn.Module:
         for index, block in enumerate(model.layer3):
             null_rows(model, f"layer3.{index}.conv2", [2, 5])
             block.bn2.bias[[2, 5]] = -1.0
+        latent_weight(model.layer2[1].conv2)[:, 6] *= 1e-6
         if not removable_only:
             null_rows(model, "layer3.1.conv2", [7])
     return model.eval()
@@ -50,7 +52,7 @@ def test_removable_null_channels_go_and_macs_match_the_reports_structured_count(
     model = resnet(removable_only=True)
     result = slim_model(model, EXAMPLE)
     slim = result.model
-    assert (result.null_channels, result.removed, result.kept) == (8, 8, {})
+    assert (result.null_channels, result.removed, result.unread, result.kept) == (8, 8, 1, {})
     layer = slim.get_submodule  # the traced model's containers are plain modules: no indexing
     assert (layer("layer1.0.conv1").out_channels, layer("layer1.0.bn1").num_features,
             layer("layer1.0.conv2").in_channels) == (14, 14, 14)
@@ -66,8 +68,10 @@ def test_removable_null_channels_go_and_macs_match_the_reports_structured_count(
     assert relative_error(outputs, expected) <= 1e-5 and torch.equal(outputs.argmax(1), expected.argmax(1))
     before, after = result.parameters
     stage1 = 2 * 16 * 9 + 2 * 2 + 16 * 2 * 9  # conv1 rows, bn1 weight and bias, conv2 columns
+    stage2 = 32 * 9 + 2 + 32 * 9  # layer2.1: the unread conv1 row, bn1, the zero conv2 column
     stage3 = 3 * (2 * 64 * 9 + 2 * 2) + 2 * 64 * 2 * 9 + 10 * 2  # conv2 rows, bn2, conv1 columns of blocks 1-2, fc
-    assert before - after == stage1 + stage3 == 6372
+    assert before - after == stage1 + stage2 + stage3 == 6950
+    assert (layer("layer2.1.conv1").out_channels, layer("layer2.1.conv2").in_channels) == (31, 31)
     macs = count_macs(model, EXAMPLE)
     assert result.macs == (sum(macs.values()), sum(structured_macs(model, EXAMPLE, macs).values()))
     assert result.macs[1] < result.macs[0]
@@ -76,9 +80,10 @@ def test_removable_null_channels_go_and_macs_match_the_reports_structured_count(
 def test_null_channels_stay_where_removing_them_is_not_exact(tmp_path):
     model = resnet(removable_only=False)
     result = slim_model(model, EXAMPLE)
-    assert (result.null_channels, result.removed) == (10, 8)
+    assert (result.null_channels, result.removed, result.unread) == (10, 8, 1)
     assert result.kept == {KEEP_PADDED: 1, KEEP_LIVE: 1}
-    assert result.lines()[1:] == [f"slim: kept 1 null channel: {KEEP_PADDED}", f"slim: kept 1 null channel: {KEEP_LIVE}"]
+    assert result.lines()[1:] == [f"slim: kept 1 null channel: {KEEP_PADDED}",
+                                  f"slim: kept 1 null channel: {KEEP_LIVE}"]
     assert result.model.get_submodule("layer1.0.conv1").out_channels == 14  # rows 0 and 4 went, row 3 stayed
     assert result.model.get_submodule("layer3.1.conv2").out_channels == 62  # row 7 stayed, its stream channel lives
     macs = count_macs(model, EXAMPLE)
@@ -86,7 +91,7 @@ def test_null_channels_stay_where_removing_them_is_not_exact(tmp_path):
 
     out = tmp_path / "slim.onnx"
     exported = export_onnx(model, EXAMPLE, out, slim=True)
-    assert exported.slim_lines == result.lines()
+    assert exported.slim.lines() == result.lines() and exported.slim.macs == result.macs
     inputs = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         expected = model(inputs)
