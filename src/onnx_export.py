@@ -5,7 +5,7 @@
 The plain (quantizer-free) model is exported with ``torch.onnx.export`` (the torch.export-based exporter, opset
 21, batch dimension dynamic). Then every quantized Conv2d/Linear weight initializer is replaced by its integer
 codes c in [-Q, Q] (Q = 2^(b-1) - 1) as an INT4 initializer for b <= 4 and INT8 for 5 <= b <= 8, its step s and
-offset delta (float32 scalars), and four standard nodes that rebuild it under its old name:
+offset delta (float32 scalars), and five standard nodes that rebuild it under its old name:
 
     scaled = DequantizeLinear(codes, s)                 s * c
     unit   = DequantizeLinear(codes, 1)                 c
@@ -23,8 +23,8 @@ import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
