@@ -27,7 +27,10 @@ bench: $(STAMP)
 	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 30 --compile --json runs/bench/resnet20_compiled.json
 	$(PYTHON) $(BENCH_RUN) --config configs/quickstart.yaml --set run_name=quickstart
 	$(PYTHON) $(BENCH_RUN) --config configs/quickstart_group_lasso.yaml --set run_name=group_lasso
-	$(PYTHON) bench/inference.py runs/bench/quickstart runs/bench/group_lasso --json runs/bench/inference.json
+	$(PYTHON) bench/inference.py runs/bench/quickstart runs/bench/group_lasso --threads 1 --repeats 40 \
+		--json runs/bench/inference_1thread.json
+	$(PYTHON) bench/inference.py runs/bench/quickstart runs/bench/group_lasso --threads 2 --repeats 40 \
+		--json runs/bench/inference_2threads.json
 
 # The GPU checks and figures of docs/benchmarks.md, on one CUDA device: its tests, then the percentile and the
 # compiled bf16 channels-last ResNet-20 step (the 1.15 target), with torch.compile's default mode and with CUDA graphs.
