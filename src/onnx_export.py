@@ -82,20 +82,20 @@ def plain_model(model: nn.Module, quantized: bool = True) -> nn.Module:
 
 def layer_grids(model: nn.Module) -> tuple[dict[str, LayerGrid], dict[str, str]]:
     """The grids of ``model``'s quantized Conv2d/Linear weights by state key, and why any other quantized weight
-    stays float (norm layers; a quantizer without an exact grid; weights not float32)."""
+    is stored as float (norm layers; a quantizer without an exact grid; weights not float32)."""
     grids, floats = {}, {}
     for name, module, _ in quantized_layers(model):
         key = weight_key(name)
         if not isinstance(module, MAC_LAYERS):
-            floats[key] = "norm weight: stored as float32 (its quantized values)"
+            floats[key] = "norm layers, their quantized values"
             continue
         try:
             codes, step, offset, bits = layer_codes(module)
         except ExportError as error:
-            floats[key] = f"stored as float32: {error}"
+            floats[key] = f"no integer codes for them ({error})"
             continue
         if step.dtype != torch.float32:
-            floats[key] = f"stored as float: a {step.dtype} weight has no float32 dequantization"
+            floats[key] = f"{step.dtype} weights, kept in their dtype"
             continue
         grids[key] = LayerGrid(codes, step, offset, bits, compressed_weight(module).cpu())
     return grids, floats
@@ -178,7 +178,7 @@ def encode_weights(proto: onnx.ModelProto, grids: dict[str, LayerGrid]) -> tuple
     for key, grid in grids.items():
         tensor = initializers.get(key)
         if tensor is None:
-            floats[key] = "stored as float32: the exporter did not keep it as an initializer"
+            floats[key] = "the exporter did not keep them as initializers"
             continue
         if not np.array_equal(numpy_helper.to_array(tensor), grid.weight.numpy()):
             raise ExportError(f"initializer {key} does not hold the quantized weight; the exported graph is not the "
@@ -302,7 +302,8 @@ class OnnxExport:
                  f"({self.fp32_onnx_bytes / self.file_bytes:.2f}x larger); report's compressed estimate "
                  f"{self.estimate_bytes:,} B",
                  f"weights as integer codes: {kinds.count('INT4')} INT4, {kinds.count('INT8')} INT8"]
-        lines += [f"{count} weight{'s' if count > 1 else ''} {reason}" for reason, count in reasons.items()]
+        lines += [f"{count} quantized weight{'s' if count > 1 else ''} stored as float: {reason}"
+                  for reason, count in reasons.items()]
         lines += self.slim.lines() if self.slim is not None else []
         lines.append(f"checked against the fake-quantized model on {CHECK_BATCH} random inputs: "
                      f"{self.agreement.line()}")

@@ -125,7 +125,33 @@ def test_fp32_layers_and_norms_stay_float(tmp_path):
     norms = {key for key in result.float_weights if ".bn" in key or key.startswith("bn")}
     assert len(norms) == 19 and all(stored[key].data_type == TensorProto.FLOAT for key in norms)
     assert len(result.encodings) == 19  # the convolutions
-    assert "19 weights norm weight: stored as float32 (its quantized values)" in result.lines()
+    assert "19 quantized weights stored as float: norm layers, their quantized values" in result.lines()
+
+
+class Halving(torch.nn.Module):
+    """A quantizer without ``grid()``: its output is no integer grid that the export knows."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight / 2
+
+    def stats(self, weight: torch.Tensor) -> dict[str, float]:
+        return {"bits": 32.0, "deadzone": 0.0, "step": 0.0}
+
+
+def test_a_quantizer_without_a_grid_is_stored_as_float_and_said_so(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mlp", 10, 8)
+    attach_weight_quantizers(model, ["3", "5"], Halving, {})
+    attach_weight_quantizers(model, ["1"], DeadZoneLDZCompander, {"fixed_bit_val": 4, "learnable_bit": False})
+    out = tmp_path / "model.onnx"
+    result = export_onnx(model.eval(), torch.zeros(3, 8, 8), out)
+    reason = "no integer codes for them (quantizer Halving has no grid(weight) method, so it cannot be exported)"
+    assert result.float_weights == {"1.weight": reason}
+    assert f"1 quantized weight stored as float: {reason}" in result.lines()
+    stored = initializers(out)
+    assert stored["1.weight"].data_type == TensorProto.FLOAT
+    assert np.array_equal(numpy_helper.to_array(stored["1.weight"]), model[1].weight.detach().numpy())
+    assert {stored[f"{key}.codes"].data_type for key in ("3.weight", "5.weight")} == {TensorProto.INT4}
 
 
 def test_a_copy_without_quantizers_leaves_the_model_whole():
