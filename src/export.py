@@ -73,8 +73,9 @@ def layer_codes(module: nn.Module) -> tuple[Tensor, Tensor, Tensor, int]:
     with torch.no_grad():
         bits, step, offset = quantizer.grid(latent_weight(module))
     bits, step, offset = round(float(bits)), step.to("cpu", weight.dtype), offset.to("cpu", weight.dtype)
-    signed = weight.double() - torch.sign(weight).double() * offset.double()
-    codes = torch.round(signed / step.double()).long()
+    # In the weight's own dtype: (w - sign(w) * offset) / step is a code of at most 127 up to a few ulps, so it
+    # rounds to it (sign(w) is sign(c): offset + step > 0); the check below makes sure.
+    codes = torch.round((weight - torch.sign(weight) * offset) / step).long()
     if codes.abs().max() > levels(bits) or not torch.equal(decode_weight(codes, step, offset), weight):
         raise ExportError(f"{type(quantizer).__name__} output is not sign(c)*offset + step*c with codes in "
                           f"[-{levels(bits)}, {levels(bits)}]; its grid() does not describe its output")

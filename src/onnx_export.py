@@ -34,7 +34,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
-from src.compression import MAC_LAYERS, compressed_weight, inference_state, model_size, plain_copy, single_sample
+from src.compression import MAC_LAYERS, inference_state, model_size, plain_copy, single_sample
 from src.export import ExportError, layer_codes
 from src.utils_quantization import quantized_layers
 
@@ -53,18 +53,16 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 @dataclass(frozen=True)
 class LayerGrid:
     """A quantized weight as integer codes (int64, the weight's shape) on the grid sign(c) * offset + step * c;
-    ``step`` and ``offset`` are 0-dim tensors of the weight's dtype, ``weight`` the values the codes decode to."""
+    ``step`` and ``offset`` are 0-dim tensors of the weight's dtype."""
 
     codes: Tensor
     step: Tensor
     offset: Tensor
     bits: int
-    weight: Tensor
 
     def select(self, rows: Tensor, columns: Tensor) -> LayerGrid:
         """The grid of the weight's sub-tensor ``weight[rows][:, columns]`` (index tensors)."""
-        return LayerGrid(self.codes[rows][:, columns], self.step, self.offset, self.bits,
-                         self.weight[rows][:, columns])
+        return LayerGrid(self.codes[rows][:, columns], self.step, self.offset, self.bits)
 
 
 def weight_key(module_name: str) -> str:
@@ -97,7 +95,7 @@ def layer_grids(model: nn.Module) -> tuple[dict[str, LayerGrid], dict[str, str]]
         if step.dtype != torch.float32:
             floats[key] = f"{step.dtype} weights, kept in their dtype"
             continue
-        grids[key] = LayerGrid(codes, step, offset, bits, compressed_weight(module).cpu())
+        grids[key] = LayerGrid(codes, step, offset, bits)
     return grids, floats
 
 
@@ -165,11 +163,13 @@ def code_array(grid: LayerGrid) -> np.ndarray:
     return grid.codes.numpy().astype(np.int8).astype(dtype)
 
 
-def encode_weights(proto: onnx.ModelProto, grids: dict[str, LayerGrid]) -> tuple[dict[str, str], dict[str, str]]:
+def encode_weights(proto: onnx.ModelProto, grids: dict[str, LayerGrid],
+                   weights: dict[str, Tensor]) -> tuple[dict[str, str], dict[str, str]]:
     """Replace each initializer named by a key of ``grids`` by its codes and the nodes decoding them (in place).
 
-    Returns (key -> "INT4"/"INT8" for the encoded weights, key -> reason for grids left as float).
-    Raises ExportError when an initializer does not hold its grid's decoded values exactly.
+    ``weights``: the exported model's state dict, whose quantized weights the grids decode to exactly
+    (``layer_codes`` checks that). Returns (key -> "INT4"/"INT8" for the encoded weights, key -> reason for grids
+    left as float). Raises ExportError when an initializer does not hold that weight: the graph is not the model's.
     """
     graph = proto.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
@@ -180,7 +180,7 @@ def encode_weights(proto: onnx.ModelProto, grids: dict[str, LayerGrid]) -> tuple
         if tensor is None:
             floats[key] = "the exporter did not keep them as initializers"
             continue
-        if not np.array_equal(numpy_helper.to_array(tensor), grid.weight.numpy()):
+        if not np.array_equal(numpy_helper.to_array(tensor), weights[key].detach().cpu().numpy()):
             raise ExportError(f"initializer {key} does not hold the quantized weight; the exported graph is not the "
                               "model's")
         graph.initializer.remove(tensor)
@@ -364,13 +364,14 @@ def export_onnx(model: nn.Module, example: Tensor, out: Path, slim: bool = False
         plain = plain_model(model)
         proto = to_onnx(plain, example) if graph is None else with_values(graph, plain)
         fp32_bytes = len(serialized(proto))  # the same graph with float32 weights
-        slimmed = None
+        slimmed, exported = None, plain
         if slim:
             from src.slim import slim_model  # src.slim imports this module
 
             slimmed = slim_model(model, example, grids)
-            proto, grids = to_onnx(slimmed.model, example), slimmed.grids
-        encodings, unencoded = encode_weights(proto, grids)
+            exported, grids = slimmed.model, slimmed.grids
+            proto = to_onnx(exported, example)
+        encodings, unencoded = encode_weights(proto, grids, exported.state_dict())
         data = serialized(proto)
         runner = session(data)
         agreement, _ = validate_export(runner, model, [(check_inputs(example), torch.zeros(CHECK_BATCH))])

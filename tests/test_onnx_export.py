@@ -99,8 +99,9 @@ def test_onnxruntime_computes_what_the_fake_quantized_model_does(tmp_path, graph
 def test_the_graph_decodes_every_weight_bit_for_bit():
     model = quantized("resnet20", MIXED)
     grids, _ = layer_grids(model)
-    proto = to_onnx(plain_model(model), torch.zeros(3, 16, 16))
-    encode_weights(proto, grids)
+    plain = plain_model(model)
+    proto = to_onnx(plain, torch.zeros(3, 16, 16))
+    encode_weights(proto, grids, plain.state_dict())
     proto.graph.output.extend(helper.make_tensor_value_info(key, TensorProto.FLOAT, list(grid.codes.shape))
                               for key, grid in grids.items())
     runner = session(serialized(proto))
