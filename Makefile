@@ -17,11 +17,20 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
-bench: $(STAMP)  # the CPU figures of docs/benchmarks.md, ~20 min on 2 cores; run it on an otherwise idle machine
+# The CPU figures of docs/benchmarks.md and docs/deployment.md, ~25 min on 2 cores; run it on an otherwise idle machine.
+# The inference benchmark trains its two runs first (once: --resume auto leaves a finished run as it is).
+BENCH_RUN := run_training.py --set save_dir=runs/bench --resume auto
+bench: $(STAMP)
 	$(PYTHON) bench/absmax.py --repeats 20
 	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 60 --control --json runs/bench/resnet20.json
 	$(PYTHON) bench/step_overhead.py --models resnet18,vit --repeats 20 --json runs/bench/resnet18_vit.json
 	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 30 --compile --json runs/bench/resnet20_compiled.json
+	$(PYTHON) $(BENCH_RUN) --config configs/quickstart.yaml --set run_name=quickstart
+	$(PYTHON) $(BENCH_RUN) --config configs/quickstart_group_lasso.yaml --set run_name=group_lasso
+	$(PYTHON) bench/inference.py runs/bench/quickstart runs/bench/group_lasso --threads 1 --repeats 40 \
+		--json runs/bench/inference_1thread.json
+	$(PYTHON) bench/inference.py runs/bench/quickstart runs/bench/group_lasso --threads 2 --repeats 40 \
+		--json runs/bench/inference_2threads.json
 
 # The GPU checks and figures of docs/benchmarks.md, on one CUDA device: its tests, then the percentile and the
 # compiled bf16 channels-last ResNet-20 step (the 1.15 target), with torch.compile's default mode and with CUDA graphs.

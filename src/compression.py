@@ -6,7 +6,9 @@ in docs/compression.md; this module is its implementation.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import operator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,7 +20,7 @@ from src.utils_quantization import latent_weight, quantized_layers, quantizer_of
 
 MAC_LAYERS = (nn.Conv2d, nn.Linear)
 FP32_BITS = 32
-# Activations are not quantized: every MAC multiplies by a 32-bit activation (paper, Eqs. 20-22).
+# Activations are not quantized: by default every MAC multiplies by a 32-bit activation (paper, Eqs. 20-22).
 ACTIVATION_BITS = 32
 # Per quantized layer the step s and the offset delta, as float32.
 SCALE_BYTES = 8
@@ -28,9 +30,24 @@ CONSTANT_TOLERANCE = 1e-9
 PROBE_SAMPLES = 3
 
 
+@dataclass(frozen=True)
+class BopsSettings:
+    """The bit-widths BOPs count: activations, and the weights of layers left in FP32 (config section ``report``).
+    The dense reference of Rel. BOPs stays 32-bit weights times 32-bit activations."""
+
+    activation_bits: int = ACTIVATION_BITS
+    fp_weight_bits: int = FP32_BITS
+
+    @classmethod
+    def of(cls, config: dict) -> BopsSettings:
+        """The settings of a resolved config dict (defaults where it has no ``report`` section: older runs)."""
+        return cls(**(config.get("report") or {}))
+
+
 @dataclass
 class LayerStats:
-    """One counted layer. ``bits`` is 32 and ``deadzone``/``step`` are None for layers left in FP32."""
+    """One counted layer. ``bits`` is 32 and ``deadzone``/``step`` are None for layers left in FP32, whose BOPs
+    count ``fp_weight_bits`` instead; every layer's BOPs count ``activation_bits`` per activation."""
 
     name: str
     kind: str
@@ -42,6 +59,8 @@ class LayerStats:
     nonzero: int
     macs: int = 0
     structured_macs: int | None = None
+    activation_bits: int = ACTIVATION_BITS
+    fp_weight_bits: int = FP32_BITS
 
     @property
     def sparsity(self) -> float:
@@ -52,8 +71,13 @@ class LayerStats:
         return self.nonzero / max(self.numel, 1)
 
     @property
+    def counted_bits(self) -> float:
+        """The weight bit-width BOPs count: the learned one, or ``fp_weight_bits`` for a layer left in FP32."""
+        return self.bits if self.quantized else self.fp_weight_bits
+
+    @property
     def bops(self) -> float:
-        return self.density * self.macs * self.bits * ACTIVATION_BITS
+        return self.density * self.macs * self.counted_bits * self.activation_bits
 
     @property
     def dense_bops(self) -> int:
@@ -63,7 +87,7 @@ class LayerStats:
     def structured_bops(self) -> float | None:
         if self.structured_macs is None:
             return None
-        return self.structured_macs * self.bits * ACTIVATION_BITS
+        return self.structured_macs * self.counted_bits * self.activation_bits
 
 
 def compressed_weight(module: nn.Module) -> Tensor:
@@ -86,9 +110,9 @@ def counted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def layer_stats(model: nn.Module, macs: dict[str, int] | None = None,
-                structured_macs: dict[str, int] | None = None) -> list[LayerStats]:
-    """One entry per counted module, measured on its current compressed weight."""
+def layer_stats(model: nn.Module, macs: dict[str, int] | None = None, structured_macs: dict[str, int] | None = None,
+                settings: BopsSettings = BopsSettings()) -> list[LayerStats]:
+    """One entry per counted module, measured on its current compressed weight; BOPs counted with ``settings``."""
     macs, structured_macs = macs or {}, structured_macs or {}
     stats = []
     for name, module in counted_modules(model):
@@ -101,7 +125,7 @@ def layer_stats(model: nn.Module, macs: dict[str, int] | None = None,
             bits, deadzone, step = float(FP32_BITS), None, None
         stats.append(LayerStats(name, layer_kind(module), quantizer is not None, bits, deadzone, step,
                                 weight.numel(), int(torch.count_nonzero(weight)), macs.get(name, 0),
-                                structured_macs.get(name)))
+                                structured_macs.get(name), settings.activation_bits, settings.fp_weight_bits))
     return stats
 
 
@@ -178,6 +202,24 @@ def inference_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without parametrizations: each parametrized tensor is a plain Parameter holding its
+    latent (unparametrized) value. ``model`` keeps its quantizers.
+
+    Not ``remove_parametrizations`` on a deep copy: the copy shares its injected ``Parametrized*`` class with the
+    original, and removal deletes that class's property, which leaves the original without its weight.
+    """
+    copied = copy.deepcopy(model)
+    for module in list(copied.modules()):
+        if parametrize.is_parametrized(module):
+            latent = {name: parametrization.original for name, parametrization in module.parametrizations.items()}
+            module.__class__ = type(module).__bases__[0]
+            del module._modules["parametrizations"]
+            for name, parameter in latent.items():
+                module.register_parameter(name, parameter)
+    return copied
+
+
 def structural_probe(model: nn.Module, seed: int = 0) -> nn.Module:
     """A float64 CPU copy of ``model`` with its compressed zero pattern and positive random values elsewhere.
 
@@ -187,10 +229,7 @@ def structural_probe(model: nn.Module, seed: int = 0) -> nn.Module:
     shuts, so a channel is constant across inputs only when the zero pattern makes it so.
     """
     state = inference_state(model)
-    probe = copy.deepcopy(model)
-    for name, module in probe.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    probe = plain_copy(model)
     probe.load_state_dict(state)
     probe = probe.to("cpu", torch.float64).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -232,21 +271,78 @@ def null_input_channels(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
 
     handles = [module.register_forward_pre_hook(recorder(name, module))
                for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
-    generator = torch.Generator().manual_seed(1)
-    sample = single_sample(example)
-    inputs = torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
     try:
-        probe(inputs)
+        probe(probe_batch(example))
     finally:
         for handle in handles:
             handle.remove()
     return captured
 
 
+def probe_batch(example: Tensor) -> Tensor:
+    """PROBE_SAMPLES seeded random positive float64 inputs of ``example``'s item shape."""
+    generator = torch.Generator().manual_seed(1)
+    sample = single_sample(example)
+    return torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
+
+
+def probe_cotangent(output: Tensor) -> Tensor:
+    """The seeded random positive gradient the probe's output is given, so that no gradient cancels."""
+    return torch.rand(output.shape, generator=torch.Generator().manual_seed(2), dtype=output.dtype) + 0.5
+
+
+def dead_channel_mask(tensor: Tensor, dim: int) -> Tensor:
+    """Channels (along ``dim``) of a probe tensor whose gradient is zero for every sample at every position: the
+    output does not depend on them (all of them when no gradient reached the tensor)."""
+    grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+    values = grad.movedim(dim, -1).reshape(-1, grad.shape[dim])
+    return values.abs().amax(0) <= CONSTANT_TOLERANCE * grad.abs().max()
+
+
+def dead_channels(model: nn.Module, example: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """For every Conv2d/Linear that runs: bool masks of its (input, output) channels that the output does not
+    depend on, because every weight that reads them is zero (a column of zeros, e.g. from group lasso).
+
+    Measured on ``structural_probe(model)``: its output, given a positive random gradient, is differentiated
+    back; with positive values nothing cancels and no ReLU shuts, so a channel's gradient is zero only when the
+    zero pattern makes it so.
+    """
+    probe = structural_probe(model)
+    captured: dict[str, list[tuple[Tensor, Tensor]]] = {}
+
+    def recorder(name: str):
+        def record(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            for tensor in (inputs[0], output):
+                if tensor.requires_grad:
+                    tensor.retain_grad()
+            captured.setdefault(name, []).append((inputs[0], output))
+        return record
+
+    handles = [module.register_forward_hook(recorder(name))
+               for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
+    inputs = probe_batch(example).requires_grad_()
+    try:
+        output = probe(inputs)
+        output.backward(probe_cotangent(output))
+    finally:
+        for handle in handles:
+            handle.remove()
+    dead_inputs, dead_outputs = {}, {}
+    for name, calls in captured.items():
+        dim = channel_dim(probe.get_submodule(name))
+        # A layer called more than once has a dead channel only when every call agrees.
+        dead_inputs[name] = functools.reduce(operator.and_, [dead_channel_mask(i, dim) for i, _ in calls])
+        dead_outputs[name] = functools.reduce(operator.and_, [dead_channel_mask(o, dim) for _, o in calls])
+    return dead_inputs, dead_outputs
+
+
 @torch.no_grad()
 def structured_macs(model: nn.Module, example: Tensor, macs: dict[str, int]) -> dict[str, int]:
-    """MACs per Conv2d/Linear left after removing whole null output channels and null input channels."""
+    """MACs per Conv2d/Linear left after removing whole null or dead output channels and null or dead input
+    channels."""
     null_inputs = null_input_channels(model, example)
+    with torch.enable_grad():
+        dead_inputs, dead_outputs = dead_channels(model, example)
     result = {}
     for name, module in model.named_modules():
         if not isinstance(module, MAC_LAYERS):
@@ -254,12 +350,15 @@ def structured_macs(model: nn.Module, example: Tensor, macs: dict[str, int]) -> 
         weight = compressed_weight(module)
         groups = module.groups if isinstance(module, nn.Conv2d) else 1
         out_channels, in_per_group = weight.shape[0], weight.shape[1]
-        live_out = weight.flatten(1).ne(0).any(1).view(groups, -1).sum(1)
-        null_in = null_inputs.get(name, torch.zeros(in_per_group * groups, dtype=torch.bool))
-        live_in = (~null_in.cpu()).view(groups, -1).sum(1)
+        no_inputs = torch.zeros(in_per_group * groups, dtype=torch.bool)
+        no_outputs = torch.zeros(out_channels, dtype=torch.bool)
+        live_rows = weight.flatten(1).ne(0).any(1).cpu() & ~dead_outputs.get(name, no_outputs)
+        live_out = live_rows.view(groups, -1).sum(1)
+        null_in = null_inputs.get(name, no_inputs).cpu() | dead_inputs.get(name, no_inputs)
+        live_in = (~null_in).view(groups, -1).sum(1)
         # MACs of one (input channel, output channel) pair: kernel size times output positions.
         pair_macs = macs.get(name, 0) // (in_per_group * out_channels)
-        result[name] = int((live_in * live_out.cpu()).sum()) * pair_macs
+        result[name] = int((live_in * live_out).sum()) * pair_macs
     return result
 
 
@@ -316,9 +415,9 @@ class CompressionMonitor:
         self.example = single_sample(example).detach().cpu()
         self.macs = count_macs(model, self.example)
 
-    def stats(self, structured: bool = False) -> list[LayerStats]:
+    def stats(self, structured: bool = False, settings: BopsSettings = BopsSettings()) -> list[LayerStats]:
         extra = structured_macs(self.model, self.example, self.macs) if structured else None
-        return layer_stats(self.model, self.macs, extra)
+        return layer_stats(self.model, self.macs, extra, settings)
 
     def epoch_metrics(self) -> dict[str, float]:
         """Flat metrics for one epoch's record: summary plus ``layer_bits/<name>`` and ``layer_sparsity/<name>``.

@@ -114,6 +114,38 @@ class SchedulerConfig(Section):
         return dict(self.model_extra or {})
 
 
+class ReportConfig(Section):
+    activation_bits: int = Field(32, ge=1, le=32, description="activation bit-width that BOPs count (32: not "
+                                 "quantized); Rel. BOPs stays relative to 32-bit weights and activations")
+    fp_weight_bits: int = Field(32, ge=1, le=32, description="weight bit-width that BOPs count for layers left in FP32")
+
+
+# The reference implementation's top-level keys, read as aliases (None: accepted, no effect).
+REFERENCE_ALIASES = {"default_activation_bitrate": "activation_bits", "default_weight_bitrate": "fp_weight_bits",
+                     "eval_bobs": None}
+
+
+def reference_aliases(data: Any) -> Any:
+    """``data`` with the REFERENCE_ALIASES keys moved into ``report``, each with a logged notice."""
+    if not isinstance(data, dict) or not data.keys() & REFERENCE_ALIASES.keys():
+        return data
+    data, report = dict(data), dict(data.get("report") or {})
+    for alias, key in REFERENCE_ALIASES.items():
+        if alias not in data:
+            continue
+        value = data.pop(alias)
+        if key is None:
+            log.info("config: %s is the reference implementation's key; Rel. BOPs are logged every epoch anyway, so "
+                     "it has no effect", alias)
+        elif report.get(key, value) != value:
+            raise ConfigError(alias, f"says {value!r} but report.{key} says {report[key]!r}", "keep one of the two")
+        else:
+            report[key] = value
+            log.info("config: %s (the reference implementation's key) is read as report.%s: %r", alias, key, value)
+    data["report"] = report
+    return data
+
+
 class TrainConfig(Section):
     plugins: list[str] = Field(default_factory=list, description="Python files or module names imported before "
                                "the rest is checked; what they register is valid here (paths recorded absolute)")
@@ -165,6 +197,11 @@ class TrainConfig(Section):
                                  "keys in braces, e.g. `\"{model}_dzwd{optimizer.param_groups.dz.weight_decay}\"`; "
                                  "null: `<model>_<quantizer><bits>b_e<epochs>_lr<lr>` (+ `_gb<global batch>` under "
                                  "DDP); the bits are max_bits when the bit-width is learned")
+    report: ReportConfig = Field(default_factory=ReportConfig, json_schema_extra=RUNTIME, description="how reports "
+                                 "count BOPs; aliases: `default_activation_bitrate`, `default_weight_bitrate`, "
+                                 "`eval_bobs` (no effect) at the top level")
+
+    _reference_aliases = model_validator(mode="before")(reference_aliases)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,6 +1,7 @@
 """The compressed model on disk: bit-packed integer codes, per-layer step and offset, a sparse index.
 
-    python -m src.export CHECKPOINT OUT
+    python -m src.export CHECKPOINT OUT.codeq
+    python -m src.export CHECKPOINT OUT.onnx [--slim] [--check]    # standard ONNX: see src/onnx_export.py
 
 A quantized weight is stored as its integer codes c in [-Q, Q] (Q = 2^(b-1) - 1), each as c + Q in
 b bits, little-endian bit order, packed into bytes; either every code (dense layout) or a bitmap of
@@ -38,6 +39,7 @@ from src.utils_quantization import latent_weight, levels, quantizer_of
 
 FORMAT = "codeq-export"
 VERSION = 2
+FORMATS = (".codeq", ".onnx")
 
 
 def pack_bits(values: Tensor, bits: int) -> Tensor:
@@ -71,8 +73,9 @@ def layer_codes(module: nn.Module) -> tuple[Tensor, Tensor, Tensor, int]:
     with torch.no_grad():
         bits, step, offset = quantizer.grid(latent_weight(module))
     bits, step, offset = round(float(bits)), step.to("cpu", weight.dtype), offset.to("cpu", weight.dtype)
-    signed = weight.double() - torch.sign(weight).double() * offset.double()
-    codes = torch.round(signed / step.double()).long()
+    # In the weight's own dtype: (w - sign(w) * offset) / step is a code of at most 127 up to a few ulps, so it
+    # rounds to it (sign(w) is sign(c): offset + step > 0); the check below makes sure.
+    codes = torch.round((weight - torch.sign(weight) * offset) / step).long()
     if codes.abs().max() > levels(bits) or not torch.equal(decode_weight(codes, step, offset), weight):
         raise ExportError(f"{type(quantizer).__name__} output is not sign(c)*offset + step*c with codes in "
                           f"[-{levels(bits)}, {levels(bits)}]; its grid() does not describe its output")
@@ -219,23 +222,46 @@ def size_lines(model: nn.Module, out: Path, checkpoint: Path) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="last.pt or best.pt of a run (or the run directory)")
-    parser.add_argument("out", type=Path, help="file to write, e.g. model.codeq")
+    parser.add_argument("out", type=Path, help="file to write; its suffix picks the format: .codeq or .onnx")
+    parser.add_argument("--slim", action="store_true", help=".onnx: remove the null channels that can go exactly")
+    parser.add_argument("--check", action="store_true",
+                        help=".onnx: also compare onnxruntime with PyTorch on the run's validation set")
     return parser.parse_args(argv)
+
+
+def format_problem(args: argparse.Namespace) -> str | None:
+    """Why the output suffix and the options do not go together, or None."""
+    suffix = args.out.suffix.lower()
+    if suffix not in FORMATS:
+        return f"{args.out}: unknown format {suffix or '(no suffix)'!r}; name the file .codeq or .onnx"
+    if suffix != ".onnx" and (args.slim or args.check):
+        return "--slim and --check apply to ONNX exports; name the output file .onnx"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoint = resolve_checkpoint(args.checkpoint)
+    problem = format_problem(args)
+    if problem:
+        print(f"export error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
         model, config, state = model_from_checkpoint(checkpoint)
-        export_model(model, config, checkpoint_classes(state, config["dataset"]), args.out)
+        if args.out.suffix.lower() == ".onnx":
+            from src.onnx_export import export_checkpoint_onnx  # onnx and onnxruntime load only for ONNX
+
+            lines = export_checkpoint_onnx(model, config, args.out, slim=args.slim, check=args.check)
+        else:
+            export_model(model, config, checkpoint_classes(state, config["dataset"]), args.out)
+            lines = size_lines(model, args.out, checkpoint)
     except ConfigError as error:
         print(error.line(), file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except (CheckpointError, ExportError) as error:
         print(f"export error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    print("\n".join(size_lines(model, args.out, checkpoint)))
+    print("\n".join(lines))
     return 0
 
 

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from src.checkpoint import load_checkpoint, load_model_state
-from src.compression import FP32_BITS, CompressionMonitor, as_rows, model_size, summary
+from src.compression import FP32_BITS, BopsSettings, CompressionMonitor, as_rows, model_size, summary
 from src.config import validate_config
-from src.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError
 from src.data import declared_classes
+from src.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError
 from src.experiment import build_model
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ def accuracy_from_metrics(metrics_path: Path, epoch: int | None = None) -> dict[
 
 def build_report(monitor: CompressionMonitor, config: dict[str, Any], accuracy: dict[str, Any]) -> dict[str, Any]:
     """Everything report.json holds: accuracy, Rel. BOPs, sparsity, size and the per-layer table."""
-    stats = monitor.stats(structured=True)
+    settings = BopsSettings.of(config)
+    stats = monitor.stats(structured=True, settings=settings)
     rows = as_rows(stats)
     totals = summary(stats)
     size = model_size(monitor.model)
@@ -79,6 +80,7 @@ def build_report(monitor: CompressionMonitor, config: dict[str, Any], accuracy: 
         "sparsity": totals.get("sparsity", 0.0), "mean_layer_sparsity": totals.get("mean_layer_sparsity", 0.0),
         "mean_bits": totals.get("mean_bits", 32.0),
         "rel_bops": totals.get("rel_bops"), "rel_bops_structured": totals.get("rel_bops_structured"),
+        "activation_bits": settings.activation_bits, "fp_weight_bits": settings.fp_weight_bits,
         "macs": sum(s.macs for s in stats), "bops": sum(s.bops for s in stats),
         "dense_bops": sum(s.dense_bops for s in stats), "structured_bops": sum(s.structured_bops or 0 for s in stats),
         "size": {"fp32_bytes": size.fp32_bytes, "compressed_bytes": size.compressed_bytes, "ratio": size.ratio},
@@ -109,13 +111,21 @@ def summary_table(report: dict[str, Any]) -> str:
         "",
         f"- Acc is the reported model's validation accuracy; best of the run up to it: {percent(best)} % (best.pt)",
         f"- Structured Rel. BOPs (whole null channels only): {percent(report['rel_bops_structured'])} %",
+        f"- BOPs count {bops_bits(report)}; Rel. BOPs is relative to 32-bit weights and 32-bit activations",
         f"- Size: {size['fp32_bytes']:,} B FP32 -> {size['compressed_bytes']:,} B compressed ({size['ratio']:.2f}x)",
     ])
 
 
+def bops_bits(report: dict[str, Any]) -> str:
+    """The report's BOPs settings in words (reports written before the settings existed counted 32 and 32)."""
+    return (f"{report.get('activation_bits', 32)}-bit activations and {report.get('fp_weight_bits', 32)}-bit "
+            "weights in layers left in FP32")
+
+
 def compare_table(reports: dict[str, dict[str, Any]]) -> str:
-    header = ["Run", *SUMMARY_COLUMNS, "Struct. BOPs (%)", "Size ratio"]
-    rows = [[name, *summary_row(report), percent(report["rel_bops_structured"]), f"{report['size']['ratio']:.2f}x"]
+    header = ["Run", *SUMMARY_COLUMNS, "Struct. BOPs (%)", "Size ratio", "BOPs A / FP W bits"]
+    rows = [[name, *summary_row(report), percent(report["rel_bops_structured"]), f"{report['size']['ratio']:.2f}x",
+             f"{report.get('activation_bits', 32)} / {report.get('fp_weight_bits', 32)}"]
             for name, report in reports.items()]
     return markdown_table(header, rows)
 

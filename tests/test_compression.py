@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.compression import (CompressionMonitor, count_macs, layer_stats, model_size, null_input_channels,
-                             quantized_layer_bytes, structured_macs, summary)
+from src.compression import (BopsSettings, CompressionMonitor, count_macs, dead_channels, layer_stats, model_size,
+                             null_input_channels, quantized_layer_bytes, structured_macs, summary)
 from src.models import create_model
 from src.quantizer import DeadZoneLDZCompander
 from src.utils_quantization import attach_weight_quantizers
@@ -192,3 +192,31 @@ def test_epoch_metrics_hold_summary_and_per_layer_values():
     assert "layer_bits/fc" not in metrics
     assert 0 < metrics["rel_bops"] < conv.bits / 32
     assert metrics["sparsity"] == summary(stats)["sparsity"]
+
+
+def test_bops_settings_count_activations_and_fp32_weights_at_their_bits():
+    model = hand_model()
+    macs = count_macs(model, torch.zeros(2, 8, 8))
+    kept = structured_macs(model, torch.zeros(2, 8, 8), macs)
+    stats = {s.name: s for s in layer_stats(model, macs, kept, BopsSettings(activation_bits=8, fp_weight_bits=16))}
+    conv, linear = stats["0"], stats["3"]
+    assert (conv.counted_bits, linear.counted_bits, linear.bits) == (3.0, 16, 32.0)  # the table keeps storage bits
+    assert conv.bops == 0.25 * 4608 * 3 * 8 and linear.bops == pytest.approx(0.9 * 2560 * 16 * 8)
+    assert conv.dense_bops == 4608 * 32 * 32  # the reference stays W32A32
+    totals = summary(list(stats.values()))
+    assert totals["rel_bops"] == pytest.approx((0.25 * 4608 * 3 * 8 + 0.9 * 2560 * 16 * 8) / ((4608 + 2560) * 1024))
+    assert totals["rel_bops_structured"] == pytest.approx((1152 * 3 * 8 + 576 * 16 * 8) / ((4608 + 2560) * 1024))
+
+
+def test_channels_that_nothing_reads_are_dead_and_structured_macs_drop_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    with torch.no_grad():
+        model[2].weight[:, 2] = 0  # a zero column: channel 2 of the first conv feeds nothing
+    example = torch.zeros(2, 8, 8)
+    dead_inputs, dead_outputs = dead_channels(model, example)
+    assert dead_outputs["0"].tolist() == [False, False, True, False] and dead_inputs["2"].tolist() == [False, False,
+                                                                                                        True, False]
+    assert not dead_inputs["0"].any() and not dead_outputs["2"].any()
+    macs = count_macs(model, example)
+    assert structured_macs(model, example, macs) == {"0": 2 * 3 * 9 * 64, "2": 3 * 3 * 64}
