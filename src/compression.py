@@ -419,12 +419,13 @@ class CompressionMonitor:
         extra = structured_macs(self.model, self.example, self.macs) if structured else None
         return layer_stats(self.model, self.macs, extra, settings)
 
-    def epoch_metrics(self) -> dict[str, float]:
-        """Flat metrics for one epoch's record: summary plus ``layer_bits/<name>`` and ``layer_sparsity/<name>``.
+    def epoch_metrics(self, settings: BopsSettings = BopsSettings()) -> dict[str, float]:
+        """Flat metrics for one epoch's record: summary (BOPs counted with ``settings``) plus ``layer_bits/<name>``
+        and ``layer_sparsity/<name>``.
 
         Empty for a model without quantizers: its compression does not change during training.
         """
-        stats = self.stats()
+        stats = self.stats(settings=settings)
         quantized = [s for s in stats if s.quantized]
         if not quantized:
             return {}

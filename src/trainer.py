@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from src import distributed
 from src.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, load_model_state, restore_rng, rng_state, save_checkpoint
-from src.compression import CompressionMonitor
+from src.compression import BopsSettings, CompressionMonitor
 from src.config import TrainConfig, config_differences, config_to_dict, runtime_keys
 from src.data import DatasetPair, build_loaders, declared_classes, load_dataset
 from src.device_data import device_loaders
@@ -381,7 +381,7 @@ class TrainingRun:
             val_metrics = validate(self.val_loader, self.forward_model, self.criterion, setup.device,
                                    log_interval=config.log_interval, step_settings=self.step_settings)
             setup.scheduler.step()
-            compression = self.compression_monitor.epoch_metrics()
+            compression = self.compression_monitor.epoch_metrics(BopsSettings.of(self.resolved))
             parts = {name: value for name, value in train_metrics.items() if name not in ("loss", "acc")}
             record = {"epoch": epoch, "loss": train_metrics["loss"], **parts, "train_acc": train_metrics["acc"],
                       "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"], "lr": lr, **compression}

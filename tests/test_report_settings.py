@@ -1,5 +1,6 @@
 """The ``report`` config section (BOPs at other activation and FP32-weight bit-widths) and the reference
 implementation's top-level keys, accepted as aliases of it."""
+import json
 import logging
 
 import pytest
@@ -59,3 +60,13 @@ def test_an_alias_that_contradicts_the_report_section_is_a_one_line_config_error
         f"config error: {path}: default_activation_bitrate: says 8 but report.activation_bits says 4; keep one of "
         "the two")
     assert yaml.safe_load(path.read_text())["default_activation_bitrate"] == 8
+
+
+def test_the_epoch_metrics_count_bops_with_the_report_settings(tmp_path):
+    config = quick_config(tmp_path, model="mlp", report={"activation_bits": 8, "fp_weight_bits": 16})
+    assert run_training.main(["--config", str(write_config(tmp_path, config))]) == 0
+    run_dir = tmp_path / "runs" / "mlp_deadzone4b_e1_lr0.003"
+    [record] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert record["rel_bops"] == pytest.approx(report["rel_bops"], rel=1e-9)
+    assert record["rel_bops"] < 8 / 32 * 4 / 32 * 1.0001  # 4-bit weights times 8-bit activations at most
