@@ -14,7 +14,8 @@ quickstart: $(STAMP)
 	rm -rf runs/quickstart
 	$(PYTHON) run_training.py --config configs/quickstart.yaml
 
-test: $(STAMP)
+test: $(STAMP)  # lint (ruff.toml), then the tests
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -q
 
 # The CPU figures of docs/benchmarks.md and docs/deployment.md, ~25 min on 2 cores; run it on an otherwise idle machine.

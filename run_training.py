@@ -24,8 +24,17 @@ import torch
 
 from src import distributed
 from src.config import load_config
-from src.errors import (EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, CheckpointError,
-                        ConfigError, Preempted, RunFailure)
+from src.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    CheckpointError,
+    ConfigError,
+    Preempted,
+    RunFailure,
+)
 from src.experiment import resolve_device
 from src.memory import keep_freed_memory
 from src.quantizer import QUANTIZER_REGISTRY

@@ -36,9 +36,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (CLOCKS, MODELS, latent_weights, load_average, model_names, synchronizer, timed,  # noqa: E402
-                    write_results)
-
+from common import (  # noqa: E402
+    CLOCKS,
+    MODELS,
+    latent_weights,
+    load_average,
+    model_names,
+    synchronizer,
+    timed,
+    write_results,
+)
 from src.percentile import order_statistics_by_topk, quantile_ranks, robust_absmax, robust_absmaxes  # noqa: E402
 
 DEFAULT_SIZES = "1e3,1e4,36864,1e5,1e6,2359296,16777216,3.4e7"

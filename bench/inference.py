@@ -28,10 +28,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import load_average, timed, write_results  # noqa: E402
-
 from src.compression import count_macs  # noqa: E402
-from src.onnx_export import (export_onnx, plain_model, run_session, serialized, session, to_onnx,  # noqa: E402
-                             write_atomically)
+from src.onnx_export import (  # noqa: E402
+    export_onnx,
+    plain_model,
+    run_session,
+    serialized,
+    session,
+    to_onnx,
+    write_atomically,
+)
 from src.report import example_input, model_from_checkpoint, resolve_checkpoint  # noqa: E402
 
 FILES = ("FP32", "CoDeQ", "CoDeQ slim")

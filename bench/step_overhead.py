@@ -32,11 +32,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (CLOCKS, MODELS, BenchModel, load_average, model_names, synchronizer, timed,  # noqa: E402
-                    write_results)
-
-from src.optim import fused_option  # noqa: E402
+from common import (  # noqa: E402
+    CLOCKS,
+    MODELS,
+    BenchModel,
+    load_average,
+    model_names,
+    synchronizer,
+    timed,
+    write_results,
+)
 from src.memory import keep_freed_memory  # noqa: E402
+from src.optim import fused_option  # noqa: E402
 from src.step_settings import StepSettings  # noqa: E402
 from src.train import train, validate  # noqa: E402
 from src.utils_quantization import quantized_layers, weights_quantized_once  # noqa: E402
@@ -153,8 +160,8 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
                 times[phase][key].append(timed(lambda: run(key), args.clock, sync) / units)
         times["train"]["quantizers"].append(timed(quantizers.train, args.clock, sync))
         times["val"]["quantizers"].append(timed(quantizers.validate, args.clock, sync) / args.val_batches)
-    result = {"batch_size": spec.batch_size, "img_size": spec.img_size,
-              "quantized_weights": sum(p.numel() for n, p in models["qat"].named_parameters() if n.endswith("original"))}
+    quantized_weights = sum(p.numel() for n, p in models["qat"].named_parameters() if n.endswith("original"))
+    result = {"batch_size": spec.batch_size, "img_size": spec.img_size, "quantized_weights": quantized_weights}
     for phase, by_variant in times.items():
         fp32 = by_variant["fp32"]
         entry = result[phase] = {f"{key}_s": values for key, values in by_variant.items()}

@@ -44,6 +44,10 @@ class BopsSettings:
         return cls(**(config.get("report") or {}))
 
 
+# What the paper counts: 32-bit activations, FP32 layers at 32 bits.
+W32A32 = BopsSettings()
+
+
 @dataclass
 class LayerStats:
     """One counted layer. ``bits`` is 32 and ``deadzone``/``step`` are None for layers left in FP32, whose BOPs
@@ -111,7 +115,7 @@ def counted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def layer_stats(model: nn.Module, macs: dict[str, int] | None = None, structured_macs: dict[str, int] | None = None,
-                settings: BopsSettings = BopsSettings()) -> list[LayerStats]:
+                settings: BopsSettings = W32A32) -> list[LayerStats]:
     """One entry per counted module, measured on its current compressed weight; BOPs counted with ``settings``."""
     macs, structured_macs = macs or {}, structured_macs or {}
     stats = []
@@ -415,11 +419,11 @@ class CompressionMonitor:
         self.example = single_sample(example).detach().cpu()
         self.macs = count_macs(model, self.example)
 
-    def stats(self, structured: bool = False, settings: BopsSettings = BopsSettings()) -> list[LayerStats]:
+    def stats(self, structured: bool = False, settings: BopsSettings = W32A32) -> list[LayerStats]:
         extra = structured_macs(self.model, self.example, self.macs) if structured else None
         return layer_stats(self.model, self.macs, extra, settings)
 
-    def epoch_metrics(self, settings: BopsSettings = BopsSettings()) -> dict[str, float]:
+    def epoch_metrics(self, settings: BopsSettings = W32A32) -> dict[str, float]:
         """Flat metrics for one epoch's record: summary (BOPs counted with ``settings``) plus ``layer_bits/<name>``
         and ``layer_sparsity/<name>``.
 

@@ -271,7 +271,8 @@ def build_loaders(
     train = DataLoader(dataset.train, batch_size, sampler=sampler, generator=generator, **common)
     if world_size == 1:
         return train, DataLoader(dataset.val, batch_size, shuffle=False, **common)
-    val = DataLoader(dataset.val, batch_sampler=StridedBatchSampler(dataset.val, batch_size, rank, world_size), **common)
+    batches = StridedBatchSampler(dataset.val, batch_size, rank, world_size)
+    val = DataLoader(dataset.val, batch_sampler=batches, **common)
     return train, val
 
 

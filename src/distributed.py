@@ -65,7 +65,8 @@ def setup(device: torch.device) -> torch.device:
     elif device.type == "cpu":
         dist.init_process_group("gloo")
     else:
-        raise ConfigError("device", f"{device.type} cannot train in several processes", "use cpu or cuda under torchrun")
+        raise ConfigError("device", f"{device.type} cannot train in several processes",
+                          "use cpu or cuda under torchrun")
     if is_main_process():
         log.info("distributed: %d processes (%s), %d per node", world_size(), dist.get_backend(), local_world)
     return device

@@ -26,8 +26,19 @@ from src.data import build_loaders
 from src.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, CheckpointError, ConfigError, ExportError, RunFailure
 from src.experiment import resolve_device
 from src.export import load_export, model_from_payload
-from src.report import (SUMMARY_COLUMNS, build_report, checkpoint_classes, example_input, markdown_table, method_name,
-                        model_from_checkpoint, resolve_checkpoint, summary_row, summary_table, weights_label)
+from src.report import (
+    SUMMARY_COLUMNS,
+    build_report,
+    checkpoint_classes,
+    example_input,
+    markdown_table,
+    method_name,
+    model_from_checkpoint,
+    resolve_checkpoint,
+    summary_row,
+    summary_table,
+    weights_label,
+)
 from src.step_settings import StepSettings
 from src.train import validate
 from src.trainer import load_data

@@ -34,7 +34,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("device", "CUDA is not available on this machine", "run with --device cpu (or mps on a Mac)")
+            raise ConfigError("device", "CUDA is not available on this machine",
+                              "run with --device cpu (or mps on a Mac)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError("device", f"{name} does not exist ({torch.cuda.device_count()} GPUs)",
                               "pick an existing GPU index")
@@ -50,7 +51,8 @@ def seed_everything(seed: int) -> None:
 
 
 def run_name(config: TrainConfig, world_size: int = 1) -> str:
-    """The config's ``run_name`` template rendered (``render_run_name``), else ``<model>_<quantizer><bits>b_e<epochs>_lr<lr>`` (``<model>_baseline_...``
+    """The config's ``run_name`` template rendered (``render_run_name``), else
+    ``<model>_<quantizer><bits>b_e<epochs>_lr<lr>`` (``<model>_baseline_...``
     without a quantizer; no ``<bits>b`` for a quantizer that names no bit-width). A multi-process run appends
     ``_gb<global batch>`` (batch_size is per process), so different global batches never share a directory."""
     if config.run_name is not None:

@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from src.checkpoint import save_checkpoint
-from src.compression import (compressed_weight, inference_state, model_size, packed_code_bytes,
-                             sparse_layout_is_smaller)
+from src.compression import compressed_weight, inference_state, model_size, packed_code_bytes, sparse_layout_is_smaller
 from src.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError, ExportError
 from src.models import create_model
 from src.plugins import import_plugins
@@ -201,7 +200,8 @@ def export_model(model: nn.Module, config: dict[str, Any], num_classes: int, out
     save_checkpoint(payload, out)
     expected = inference_state(model)
     decoded = decode_state(load_export(out))
-    mismatched = [key for key, tensor in expected.items() if key not in decoded or not torch.equal(decoded[key], tensor.cpu())]
+    mismatched = [key for key, tensor in expected.items()
+                  if key not in decoded or not torch.equal(decoded[key], tensor.cpu())]
     if mismatched or decoded.keys() != expected.keys():
         out.unlink()
         raise ExportError(f"round trip failed for {', '.join(mismatched) or 'the set of tensors'}; nothing written")

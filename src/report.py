@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -193,7 +193,8 @@ def plot_layers(report: dict[str, Any], path: Path) -> None:
     sparsity_axis.set_xticks(list(positions), [layer_label(row) for row in rows], rotation=90, fontsize=7)
     sparsity_axis.set_xlim(-0.6, len(rows) - 0.4)
     sparsity_axis.set_title(f"{report['method']} {report['model']}: {report['weights']}, sparsity "
-                            f"{percent(report['sparsity'], 1)} %, Rel. BOPs {percent(report['rel_bops'])} %", fontsize=9)
+                            f"{percent(report['sparsity'], 1)} %, Rel. BOPs {percent(report['rel_bops'])} %",
+                            fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -216,7 +217,8 @@ def write_run_report(run_dir: Path, monitor: CompressionMonitor, config: dict[st
             import wandb
 
             wandb_run.log({"layers": wandb.Image(str(run_dir / "layers.png"))})
-            wandb_run.summary.update({"rel_bops": report["rel_bops"], "rel_bops_structured": report["rel_bops_structured"],
+            wandb_run.summary.update({"rel_bops": report["rel_bops"],
+                                      "rel_bops_structured": report["rel_bops_structured"],
                                       "size_ratio": report["size"]["ratio"]})
         except Exception as error:  # noqa: BLE001 - W&B problems must never end a training run
             log.warning("W&B: could not log the layer plot (%s)", error)

@@ -27,8 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from src.compression import (CONSTANT_TOLERANCE, count_macs, dead_channel_mask, probe_batch, probe_cotangent,
-                             structural_probe)
+from src.compression import (
+    CONSTANT_TOLERANCE,
+    count_macs,
+    dead_channel_mask,
+    probe_batch,
+    probe_cotangent,
+    structural_probe,
+)
 from src.export import ExportError
 from src.onnx_export import RELATIVE_TOLERANCE, LayerGrid, check_inputs, layer_grids, plain_model, weight_key
 

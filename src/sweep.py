@@ -73,15 +73,16 @@ def read_sweep(path: str | Path) -> tuple[str, list[str], dict[str, list[Any]], 
         raise ConfigError("configs", "no config listed", "list one or more experiment files under `configs:`", source)
     grid = data.get("grid") or {}
     if not isinstance(grid, dict):
-        raise ConfigError("grid", "must be a mapping of key paths to lists of values", "write `grid: {key.path: [1, 2]}`",
-                          source)
+        raise ConfigError("grid", "must be a mapping of key paths to lists of values",
+                          "write `grid: {key.path: [1, 2]}`", source)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key}", "must be a non-empty list of values", f"write `{key}: [value1, value2]`",
                               source)
     name = str(data.get("name") or Path(path).stem)
     if not re.fullmatch(RUN_NAME_CHARACTERS, name):
-        raise ConfigError("name", f"{name!r} cannot be part of a directory name", "use letters, digits and _.=+-", source)
+        raise ConfigError("name", f"{name!r} cannot be part of a directory name", "use letters, digits and _.=+-",
+                          source)
     return name, configs, grid, string_list(data, "set", source)
 
 

@@ -27,7 +27,15 @@ from src.config import TrainConfig, config_differences, config_to_dict, runtime_
 from src.data import DatasetPair, build_loaders, declared_classes, load_dataset
 from src.device_data import device_loaders
 from src.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, Preempted, RunFailure
-from src.experiment import LossTerm, build_loss_terms, build_model, optimizer_for, run_name, scheduler_for, seed_everything
+from src.experiment import (
+    LossTerm,
+    build_loss_terms,
+    build_model,
+    optimizer_for,
+    run_name,
+    scheduler_for,
+    seed_everything,
+)
 from src.optim import scheduled_learning_rates, warn_if_dead_zone_collapses
 from src.report import write_run_report
 from src.step_settings import StepSettings
@@ -153,8 +161,8 @@ def locate(setup: Setup, resume: str | None) -> Start:
     differences = config_differences(setup.resolved, checkpoint["config"])
     if differences:
         raise ConfigError(", ".join(differences), f"differs from the config of checkpoint {path}",
-                          f"use that run's values (its config.yaml) or a new save_dir; only {', '.join(runtime_keys())} "
-                          f"may change on resume")
+                          f"use that run's values (its config.yaml) or a new save_dir; only "
+                          f"{', '.join(runtime_keys())} may change on resume")
     if setup.config.epochs < checkpoint["epoch"]:
         raise ConfigError("epochs", f"{setup.config.epochs} is fewer than the {checkpoint['epoch']} epochs the "
                           f"checkpoint has done", f"set epochs to at least {checkpoint['epoch']}")

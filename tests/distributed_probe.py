@@ -38,7 +38,8 @@ def main(config_path: str, out_dir: str) -> None:
     out = Path(out_dir)
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
     report = {"train": train_metrics, "val": val_metrics, "compression": summary(layer_stats(model)),
-              "loss_terms": [float(weight * fn(model, **kwargs)) for fn, weight, kwargs in loss_terms], "val_batches": len(val_loader)}
+              "loss_terms": [float(weight * fn(model, **kwargs)) for fn, weight, kwargs in loss_terms],
+              "val_batches": len(val_loader)}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     distributed.teardown(finished=True)
 

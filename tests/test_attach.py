@@ -9,8 +9,15 @@ from torch.nn.utils import parametrize
 from src import percentile
 from src.models import create_model
 from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
-from src.utils_quantization import (FakeQuantParametrization, attach_weight_quantizers, latent_weight,
-                                     quantized_layers, quantizer_of, toggle_quantization, weights_quantized_once)
+from src.utils_quantization import (
+    FakeQuantParametrization,
+    attach_weight_quantizers,
+    latent_weight,
+    quantized_layers,
+    quantizer_of,
+    toggle_quantization,
+    weights_quantized_once,
+)
 
 
 def weight_owners(model: nn.Module) -> list[str]:
@@ -85,7 +92,7 @@ def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients
         calls.clear()
         with weights_quantized_once(model) if once else torch.enable_grad():
             loss = model(inputs).square().sum()
-            model.conv1.weight  # a second access inside the block is served from the cache
+            _ = model.conv1.weight  # a second access inside the block is served from the cache
         loss.backward()
         assert not any(parametrization.absmax_given for _, _, parametrization in quantized_layers(model))
         gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})

@@ -29,7 +29,8 @@ def test_compiled_quantized_model_trains_like_eager(percentile_selections):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         forward_model = torch.compile(model) if compiled else model
         metrics = train(batches, forward_model, torch.nn.CrossEntropyLoss(), optimizer, 1, "cpu")
-        metrics |= {f"val_{k}": v for k, v in validate(batches, forward_model, torch.nn.CrossEntropyLoss(), "cpu").items()}
+        validation = validate(batches, forward_model, torch.nn.CrossEntropyLoss(), "cpu")
+        metrics |= {f"val_{k}": v for k, v in validation.items()}
         results.append((metrics, [p.detach().clone() for p in model.parameters()]))
         assert len(percentile_selections) == 3, compiled  # every layer's percentile at once, each step and pass
         percentile_selections.clear()
@@ -56,7 +57,8 @@ def test_compiled_graph_reads_each_steps_percentiles_instead_of_selecting_them()
 
     compiled = torch.compile(model, backend=keep_graph)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    inputs, targets = torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2] * 2 + [0, 1])
+    inputs = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([0, 1, 2] * 2 + [0, 1])
     first_weight = model[0].parametrizations.weight.original.detach().clone()
     addresses = []
     for _ in range(4):

@@ -6,8 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.compression import (BopsSettings, CompressionMonitor, count_macs, dead_channels, layer_stats, model_size,
-                             null_input_channels, quantized_layer_bytes, structured_macs, summary)
+from src.compression import (
+    BopsSettings,
+    CompressionMonitor,
+    count_macs,
+    dead_channels,
+    layer_stats,
+    model_size,
+    null_input_channels,
+    quantized_layer_bytes,
+    structured_macs,
+    summary,
+)
 from src.models import create_model
 from src.quantizer import DeadZoneLDZCompander
 from src.utils_quantization import attach_weight_quantizers

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import run_training
-from src.config import config_to_dict, load_config
 from conftest import ROOT, quick_config, write_config
+from src.config import config_to_dict, load_config
 
 
 def setting(path, value):

@@ -41,7 +41,7 @@ def test_cifar10_reads_the_python_batches(tmp_path):
     expected = (expected - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
     assert torch.allclose(image, expected, atol=1e-5)
     train_labels = [pair.train[i][1] for i in range(len(pair.train))]
-    assert train_labels == [l for i in range(1, 6) for l in written[f"data_batch_{i}"][1]]
+    assert train_labels == [label for i in range(1, 6) for label in written[f"data_batch_{i}"][1]]
 
 
 def test_cifar10_train_augmentation_and_resize(tmp_path):

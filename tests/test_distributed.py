@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, quick_config, write_config
 from torch import nn
 
+from conftest import ROOT, quick_config, write_config
 from src import distributed
 from src.config import load_config
 from src.data import build_loaders, load_dataset
@@ -40,7 +40,8 @@ def test_without_torchrun_the_world_is_one_process():
     assert distributed.wrap(model, torch.device("cpu")) is model
     values = torch.tensor([1.0, 2.0])
     assert distributed.all_reduce_sum(values) is values and values.tolist() == [1.0, 2.0]
-    assert distributed.any_process(True, torch.device("cpu")) and not distributed.any_process(False, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert distributed.any_process(True, cpu) and not distributed.any_process(False, cpu)
 
 
 @pytest.mark.parametrize("finished, calls", [(True, ["barrier", "destroy"]), (False, ["destroy"])])

@@ -39,7 +39,8 @@ def test_one_epoch_run_writes_metrics_config_and_checkpoints(tmp_path, capsys, k
         assert 0.0 <= record["sparsity"] <= 1.0
         assert 2 <= record["mean_bits"] <= 8
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved["quantizer"] == (None if kind == "baseline" else {**QUANTIZERS[kind], "kwargs": QUANTIZERS[kind]["kwargs"]})
+    expected = None if kind == "baseline" else {**QUANTIZERS[kind], "kwargs": QUANTIZERS[kind]["kwargs"]}
+    assert resolved["quantizer"] == expected
     assert resolved["device"] == "cpu" and resolved["seed"] == 42
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1

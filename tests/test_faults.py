@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
+from test_data import write_cifar
 
 import run_training
 from conftest import quick_config, write_config
 from src.structured_loss import LOSS_REGISTRY
-from test_data import write_cifar
 
 RUN_NAME = "mlp_deadzone4b_e1_lr0.003"
 STEPS_PER_EPOCH = 12  # digits: 1,437 training images in batches of 128

@@ -13,8 +13,16 @@ from src import onnx_export
 from src.compression import model_size, structural_probe
 from src.export import decode_weight, main
 from src.models import create_model
-from src.onnx_export import (export_onnx, layer_grids, plain_model, run_session, serialized, session, to_onnx,
-                             encode_weights)
+from src.onnx_export import (
+    encode_weights,
+    export_onnx,
+    layer_grids,
+    plain_model,
+    run_session,
+    serialized,
+    session,
+    to_onnx,
+)
 from src.quantizer import DeadZoneLDZCompander
 from src.utils_quantization import attach_weight_quantizers, quantized_layers
 

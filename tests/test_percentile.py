@@ -11,8 +11,15 @@ import torch
 
 from src import _percentile_kernels as kernels
 from src import percentile
-from src.percentile import (PADDING_LIMIT, order_statistics_by_topk, padded_topk_absmaxes, quantile_ranks,
-                            robust_absmax, robust_absmaxes, similar_sizes)
+from src.percentile import (
+    PADDING_LIMIT,
+    order_statistics_by_topk,
+    padded_topk_absmaxes,
+    quantile_ranks,
+    robust_absmax,
+    robust_absmaxes,
+    similar_sizes,
+)
 
 
 def quantile(weight: torch.Tensor, q: float = 0.99) -> torch.Tensor:

@@ -95,7 +95,8 @@ def test_gradients_reach_weights_and_both_logits():
     assert quantizer.logit_bit.grad is not None and quantizer.logit_bit.grad.abs() > 0
 
 
-@pytest.mark.parametrize("learnable_bit,learnable_deadzone", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("learnable_bit,learnable_deadzone",
+                         [(True, True), (False, True), (True, False), (False, False)])
 def test_learnable_flags_set_requires_grad(learnable_bit, learnable_deadzone):
     quantizer = DeadZoneLDZCompander(learnable_bit=learnable_bit, learnable_deadzone=learnable_deadzone)
     assert quantizer.logit_bit.requires_grad is learnable_bit

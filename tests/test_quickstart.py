@@ -1,9 +1,10 @@
 """The promise of `make quickstart`: CoDeQ prunes most of ResNet-20 at 4 bits and keeps its accuracy."""
 import json
 
+import yaml
+
 import run_training
 from conftest import ROOT, write_config
-import yaml
 
 
 def test_quickstart_reaches_accuracy_and_sparsity(tmp_path, capsys):

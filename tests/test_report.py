@@ -52,7 +52,8 @@ def test_run_writes_report_json_markdown_and_a_readable_plot(codeq_run):
     assert report["sparsity"] == pytest.approx(epoch["sparsity"])
     assert 0 < report["rel_bops"] < 4 / 32 < report["rel_bops_structured"] * 1.01
     assert report["macs"] == sum(layer["macs"] for layer in report["layers"]) > 0
-    assert 1 < report["size"]["ratio"] == pytest.approx(report["size"]["fp32_bytes"] / report["size"]["compressed_bytes"])
+    size = report["size"]
+    assert 1 < size["ratio"] == pytest.approx(size["fp32_bytes"] / size["compressed_bytes"])
     assert [layer["name"] for layer in report["layers"]][:2] == ["conv1", "layer1.0.conv1"]
     markdown = (run_dir / "report.md").read_text()
     assert SUMMARY_HEADER in markdown and "| layer3.2.conv2 | Conv2d | 4 |" in markdown

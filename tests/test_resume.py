@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from test_data import PER_BATCH, write_cifar
 
 import run_training
 from conftest import ROOT, quick_config, write_config
 from src.checkpoint import REQUIRED_KEYS, restore_rng, rng_state
 from src.tracking import rewind_metrics
-from test_data import PER_BATCH, write_cifar
 
 BATCH = 4
 STEPS_PER_EPOCH = -(-5 * PER_BATCH // BATCH)
@@ -132,7 +132,8 @@ def test_sigterm_also_ends_in_a_checkpoint(tmp_path, data_dir):
 
 def test_checkpoint_holds_plain_data_for_weights_only_loading(uninterrupted):
     checkpoint = torch.load(uninterrupted / "last.pt", weights_only=True)
-    assert set(REQUIRED_KEYS) | {"step", "epoch_sums", "best_val_acc", "run_name", "grad_scaler", "wandb_id"} <= checkpoint.keys()
+    keys = {"step", "epoch_sums", "best_val_acc", "run_name", "grad_scaler", "wandb_id"}
+    assert set(REQUIRED_KEYS) | keys <= checkpoint.keys()
     assert checkpoint["grad_scaler"] is None  # amp off: no fp16 loss scale to keep
     assert checkpoint["epoch"] == EPOCHS and checkpoint["epoch_step"] == 0
     assert checkpoint["step"] == EPOCHS * STEPS_PER_EPOCH
@@ -149,7 +150,10 @@ def test_rng_states_round_trip():
     generator = torch.Generator().manual_seed(5)
     random.seed(1), np.random.seed(2), torch.manual_seed(3), np.random.normal()  # numpy caches a gaussian
     saved = rng_state(generator)
-    draws = lambda: (random.random(), np.random.normal(), torch.rand(2).tolist(), torch.rand(1, generator=generator).item())  # noqa: E731
+
+    def draws():
+        return random.random(), np.random.normal(), torch.rand(2).tolist(), torch.rand(1, generator=generator).item()
+
     expected = draws()
     random.seed(9), np.random.seed(9), torch.manual_seed(9), generator.manual_seed(9)
     restore_rng(saved, generator)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, quick_config, write_config
 from slurm_jobs import Job, completed, metrics, preemptible_config, require, slurm_problem
+
+from conftest import ROOT, quick_config, write_config
 
 SLURM_PROBLEM = slurm_problem()
 
@@ -79,7 +80,8 @@ def test_sweep_array_runs_one_task_per_combination(work):
     assert [run.name for run in runs] == ["decay_00_mlp_deadzone4b_e1_lr0.003_weight_decay=0.5",
                                           "decay_01_mlp_deadzone4b_e1_lr0.003_weight_decay=8.0"]
     for run, decay in zip(runs, (0.5, 8.0)):
-        assert yaml.safe_load((run / "config.yaml").read_text())["optimizer"]["param_groups"]["dz"]["weight_decay"] == decay
+        groups = yaml.safe_load((run / "config.yaml").read_text())["optimizer"]["param_groups"]
+        assert groups["dz"]["weight_decay"] == decay
         assert len(metrics(run)) == 1
 
 

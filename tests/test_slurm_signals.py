@@ -6,10 +6,10 @@ import subprocess
 
 import pytest
 import torch
+from slurm_jobs import Job, require, slurm_problem
 
 import run_training
 from conftest import quick_config, write_config
-from slurm_jobs import Job, require, slurm_problem
 
 SLURM_PROBLEM = slurm_problem()
 

@@ -1,8 +1,8 @@
 """Sweep files expand into one validated run_training.py argument list per array task."""
 import pytest
 import yaml
-from conftest import quick_config, write_config
 
+from conftest import quick_config, write_config
 from src.config import ConfigError, load_config
 from src.sweep import expand, main
 
