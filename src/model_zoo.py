@@ -112,9 +112,10 @@ def torchvision_model(name: str, num_classes: int, img_size: int, pretrained: bo
                               f"replace it with {weights.url}") from None
         if len(weights.meta["categories"]) != num_classes:
             replace_head(model, models.get_model(name, num_classes=num_classes, **size), f"torchvision's {name}")
-    for head in TORCHVISION_AUX_HEADS.get(name, ()):
-        setattr(model, head, None)
+    if name in TORCHVISION_AUX_HEADS:
         model.aux_logits = False
+        for head in TORCHVISION_AUX_HEADS[name]:
+            setattr(model, head, None)
     return model
 
 
