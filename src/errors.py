@@ -5,6 +5,8 @@ error's one line and exit with its code; ``--verbose`` adds the traceback.
 """
 from __future__ import annotations
 
+import sys
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the run started but could not go on: non-finite loss, unusable checkpoint, missing data
 EXIT_CONFIG_ERROR = 2  # bad config, command line or input file; nothing was loaded or written
@@ -78,3 +80,16 @@ class NonFiniteLossError(ArithmeticError):
     def __init__(self, epoch: int, step: int, value: float) -> None:
         self.epoch, self.step, self.value = epoch, step, value
         super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}")
+
+
+def report_error(error: Exception, command: str) -> int:
+    """Print ``error``'s one line on stderr as the ``command`` (``export``, ``report``, ...) tools do and return its
+    exit code: a bad config, checkpoint or file is EXIT_CONFIG_ERROR, a run that cannot go on EXIT_FAILURE."""
+    if isinstance(error, ConfigError):
+        line, code = error.line(), EXIT_CONFIG_ERROR
+    elif isinstance(error, RunFailure):
+        line, code = f"error: {error}", EXIT_FAILURE
+    else:
+        line, code = f"{command} error: {error}", EXIT_CONFIG_ERROR
+    print(line, file=sys.stderr)
+    return code

@@ -23,7 +23,7 @@ from torch import nn
 from src.compression import CompressionMonitor, LayerStats, as_rows, count_macs, layer_stats, summary
 from src.config import TrainConfig, validate_config
 from src.data import build_loaders
-from src.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, CheckpointError, ConfigError, ExportError, RunFailure
+from src.errors import CheckpointError, ConfigError, ExportError, RunFailure, report_error
 from src.experiment import resolve_device
 from src.export import load_export, model_from_payload
 from src.report import (
@@ -185,15 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = evaluate(args.path, args.dataset, args.data_dir, args.device, args.batch_size, args.workers)
-    except ConfigError as error:
-        print(error.line(), file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except (CheckpointError, ExportError) as error:
-        print(f"evaluate error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except RunFailure as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+    except (ConfigError, CheckpointError, ExportError, RunFailure) as error:
+        return report_error(error, "evaluate")
     print(f"validation: loss {result.loss:.4f}, accuracy {result.acc:.2%} ({result.images:,} images of "
           f"{result.config.dataset} from {result.config.data_dir})")
     print(result.evaluated.summarise(result.acc))

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from src.checkpoint import save_checkpoint
 from src.compression import compressed_weight, inference_state, model_size, packed_code_bytes, sparse_layout_is_smaller
-from src.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError, ExportError
+from src.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError, ExportError, report_error
 from src.models import create_model
 from src.plugins import import_plugins
 from src.report import checkpoint_classes, model_from_checkpoint, resolve_checkpoint
@@ -255,12 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             export_model(model, config, checkpoint_classes(state, config["dataset"]), args.out)
             lines = size_lines(model, args.out, checkpoint)
-    except ConfigError as error:
-        print(error.line(), file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except (CheckpointError, ExportError) as error:
-        print(f"export error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    except (ConfigError, CheckpointError, ExportError) as error:
+        return report_error(error, "export")
     print("\n".join(lines))
     return 0
 

@@ -22,7 +22,7 @@ from src.checkpoint import load_checkpoint, load_model_state
 from src.compression import FP32_BITS, BopsSettings, CompressionMonitor, as_rows, model_size, summary
 from src.config import validate_config
 from src.data import declared_classes
-from src.errors import EXIT_CONFIG_ERROR, CheckpointError, ConfigError
+from src.errors import CheckpointError, ConfigError, report_error
 from src.experiment import build_model
 
 log = logging.getLogger(__name__)
@@ -305,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report = checkpoint_report(args.path)
     except (CheckpointError, ConfigError) as error:
-        print(error.line() if isinstance(error, ConfigError) else f"report error: {error}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return report_error(error, "report")
     if args.out:
         write_report(report, args.out)
     print(render_markdown(report))

@@ -7,7 +7,7 @@ import torch
 
 from conftest import quick_config
 from src.config import validate_config
-from src.experiment import build_model, optimizer_for, run_name, scheduler_for
+from src.experiment import build_model, optimizer_for, run_name
 
 
 def build(tmp_path, **overrides):
@@ -114,15 +114,3 @@ def test_baseline_with_quantizer_groups_warns(tmp_path, caplog):
 def test_run_name(tmp_path, quantizer, expected):
     config = validate_config(quick_config(tmp_path, quantizer=quantizer))
     assert run_name(config) == expected
-
-
-def test_cosine_schedule_anneals_over_epochs(tmp_path):
-    config, _, optimizer = build(tmp_path, epochs=4)
-    scheduler = scheduler_for(optimizer, config)
-    lrs = []
-    for _ in range(4):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert lrs == pytest.approx([0.003, 0.003 * 0.8535534, 0.0015, 0.003 * 0.1464466], rel=1e-5)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

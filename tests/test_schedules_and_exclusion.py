@@ -1,6 +1,7 @@
 """Learning-rate schedules with warm-up, per epoch as a run logs them, and exclude_layers' `re:` entries, through a
 config and through attach_weight_quantizers."""
 import json
+import math
 import re
 
 import pytest
@@ -32,6 +33,7 @@ def test_a_run_logs_warm_up_then_step_learning_rates_per_epoch(tmp_path):
     ("cosine", ["lr_scheduler.eta_min=0.2", "lr_scheduler.warmup_epochs=1", "lr_scheduler.warmup_start_factor=0.5"],
      [0.5, 1.0, 0.2 + 0.8 * 0.5 * (1 + 2 ** -0.5), 0.6, 0.2 + 0.8 * 0.5 * (1 - 2 ** -0.5)]),
     ("constant", ["lr_scheduler.warmup_epochs=2"], [0.1, 0.55, 1.0, 1.0, 1.0]),
+    ("cosine", [], [(1 + math.cos(math.pi * epoch / 5)) / 2 for epoch in range(5)]),  # T_max = epochs, the seed's
 ])
 def test_each_schedule_gives_its_learning_rate_per_epoch(tmp_path, schedule, overrides, expected):
     data = quick_config(tmp_path, model="mlp", img_size=8, epochs=5, lr_scheduler=schedule)
