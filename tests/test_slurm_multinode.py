@@ -14,7 +14,6 @@ import pytest
 import torch
 from slurm_jobs import Job, completed, metrics, preemptible_config, require, two_node_problem
 
-from run_training import QUANTIZER_REGISTRY
 from src.checkpoint import load_checkpoint, load_model_state
 from src.config import load_config
 from src.experiment import build_model
@@ -117,7 +116,7 @@ def test_two_node_job_cancelled_with_sigterm_leaves_a_loadable_checkpoint(work):
     assert checkpoint["run_name"] == RUN
     logged_epochs = metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []  # the file starts with an epoch
     assert len(logged_epochs) == checkpoint["epoch"]
-    config = load_config(work / "two_nodes_cancelled.yaml", QUANTIZER_REGISTRY)
-    model, _ = build_model(config, 10, QUANTIZER_REGISTRY)
+    config = load_config(work / "two_nodes_cancelled.yaml")
+    model, _ = build_model(config, 10)
     load_model_state(model, checkpoint["model"], run_dir / "last.pt")
     assert all(torch.isfinite(value).all() for value in model.state_dict().values() if value.is_floating_point())

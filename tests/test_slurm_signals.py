@@ -20,12 +20,14 @@ def cluster():
     yield
     Job.cancel_all()
 
-RUN = "resnet20_deadzone4b_e30_lr0.003"
+# 45 steps an epoch, each a few tens of ms on an idle 2-core node: 500 epochs outlast a 1-minute time limit.
+EPOCHS = 500
+RUN = f"resnet20_deadzone4b_e{EPOCHS}_lr0.003"
 
 
 def long_config(tmp_path):
-    """Thirty epochs of 45 steps with two loader workers: far longer than the test lets it run."""
-    config = quick_config(tmp_path, epochs=30, batch_size=32, log_interval=1, workers=2,
+    """Far more epochs of 45 steps, with two loader workers, than the tests let run."""
+    config = quick_config(tmp_path, epochs=EPOCHS, batch_size=32, log_interval=1, workers=2,
                           save_dir=str(tmp_path / "runs"))
     return write_config(tmp_path, config)
 
