@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,19 @@ def two_node_problem() -> str | None:
     if unresolved := [line for line in lines if "cannot-resolve" in line]:
         return f"the rendezvous host does not resolve on every node ({'; '.join(unresolved)})"
     return None
+
+
+def cluster_fixture(problem: str | None) -> object:
+    """A module's autouse fixture: skip (or fail, see ``require``) its tests when ``problem`` is not None, and cancel
+    every job they submitted when they are done. Use as ``cluster = cluster_fixture(slurm_problem())``."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def cluster() -> Iterator[None]:
+        require(problem)
+        yield
+        Job.cancel_all()
+
+    return cluster
 
 
 def require(problem: str | None) -> None:

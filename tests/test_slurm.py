@@ -8,23 +8,17 @@ requeue itself, resume and end with exactly the metrics of an uninterrupted run.
 """
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from slurm_jobs import Job, completed, metrics, preemptible_config, require, slurm_problem
+from slurm_jobs import Job, cluster_fixture, completed, metrics, preemptible_config, slurm_problem
 
 from conftest import ROOT, quick_config, write_config
 
 SLURM_PROBLEM = slurm_problem()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> Iterator[None]:
-    require(SLURM_PROBLEM)
-    yield
-    Job.cancel_all()
+cluster = cluster_fixture(SLURM_PROBLEM)
 
 
 @pytest.fixture(scope="module")

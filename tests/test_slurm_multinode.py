@@ -7,12 +7,11 @@ the same global batch and gloo sums the same two gradients, so the runs must end
 """
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from slurm_jobs import Job, completed, metrics, preemptible_config, require, two_node_problem
+from slurm_jobs import Job, cluster_fixture, completed, metrics, preemptible_config, two_node_problem
 
 from src.checkpoint import load_checkpoint, load_model_state
 from src.config import load_config
@@ -28,12 +27,7 @@ RUN = "resnet20_deadzone4b_e2_lr0.003_gb64"  # batch_size 32 per process x 2 pro
 STOP_POINTS = r"epoch (1 step (10|20)|2 step 0)"
 CHECKPOINT_STOP_POINTS = {(0, 10), (0, 20), (1, 0)}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> Iterator[None]:
-    require(SLURM_PROBLEM)
-    yield
-    Job.cancel_all()
+cluster = cluster_fixture(SLURM_PROBLEM)
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,15 @@ workers included: training still checkpoints mid-epoch and the checkpoint resume
 import re
 import subprocess
 
-import pytest
 import torch
-from slurm_jobs import Job, require, slurm_problem
+from slurm_jobs import Job, cluster_fixture, slurm_problem
 
 import run_training
 from conftest import quick_config, write_config
 
 SLURM_PROBLEM = slurm_problem()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    require(SLURM_PROBLEM)
-    yield
-    Job.cancel_all()
+cluster = cluster_fixture(SLURM_PROBLEM)
 
 # 45 steps an epoch, each a few tens of ms on an idle 2-core node: 500 epochs outlast a 1-minute time limit.
 EPOCHS = 500
