@@ -9,9 +9,11 @@ lets ``--dry-run`` build the model without reading any data.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import inspect
 import itertools
+import multiprocessing
 import pickle
 import signal
 from collections.abc import Callable, Iterator, Sized
@@ -247,9 +249,21 @@ class StridedBatchSampler:
 def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers ignore the stop signals. Slurm's scancel, time limit and preemption signal every process of
     the job, and Ctrl-C the whole foreground process group: a worker dying of it would end the run with a
-    DataLoader error instead of the main process's checkpoint. The main process shuts its workers down itself."""
+    DataLoader error instead of the main process's checkpoint. The main process shuts its workers down itself
+    (``kill_loader_workers`` at exit)."""
     for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(number, signal.SIG_IGN)
+
+
+@atexit.register
+def kill_loader_workers() -> None:
+    """At interpreter exit, SIGKILL the daemonic child processes (loader workers) still running. multiprocessing's
+    own exit handler would SIGTERM them and wait for them, forever, since they ignore SIGTERM; registered after
+    it (torch imports multiprocessing first), this handler runs before it."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 def build_loaders(

@@ -147,3 +147,13 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path, umask, mode):
         os.umask(previous)
     for path in (run_dir / "last.pt", run_dir / "best.pt", run_dir / "config.yaml", tmp_path / "model.codeq"):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+def test_a_process_with_live_loader_workers_exits():
+    """Workers ignore SIGTERM, which multiprocessing's exit handler sends before it waits for them: without
+    ``kill_loader_workers`` a process whose persistent workers were still alive hung at exit for ever."""
+    script = ("import torch\nfrom src.data import build_loaders, load_dataset\n"
+              "train, _ = build_loaders(load_dataset('digits', 'data', 8), 64, 2, torch.Generator().manual_seed(0))\n"
+              "next(iter(train))\nprint('done', flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "done\n", result.stderr
