@@ -122,10 +122,6 @@ class LossTerm(NamedTuple):
     weight: float
     kwargs: dict[str, Any]
 
-    @property
-    def name(self) -> str:
-        return getattr(self.fn, "__name__", type(self.fn).__name__)
-
 
 def build_loss_terms(config: TrainConfig) -> list[LossTerm]:
     return [LossTerm(LOSS_REGISTRY[term.name], term.weight, term.kwargs) for term in config.loss_terms]
