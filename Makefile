@@ -5,14 +5,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: quickstart test bench bench-gpu reference clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The package itself, editable, with every extra and the dev tools, at the versions of constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 quickstart: $(STAMP)
 	rm -rf runs/quickstart
-	$(PYTHON) run_training.py --config configs/quickstart.yaml
+	$(VENV)/bin/codeq train --config configs/quickstart.yaml
 
 test: $(STAMP)  # lint (ruff.toml), then the tests
 	$(VENV)/bin/ruff check .
@@ -20,7 +21,7 @@ test: $(STAMP)  # lint (ruff.toml), then the tests
 
 # The CPU figures of docs/benchmarks.md and docs/deployment.md, ~25 min on 2 cores; run it on an otherwise idle machine.
 # The inference benchmark trains its two runs first (once: --resume auto leaves a finished run as it is).
-BENCH_RUN := run_training.py --set save_dir=runs/bench --resume auto
+BENCH_RUN := -m codeq train --set save_dir=runs/bench --resume auto
 bench: $(STAMP)
 	$(PYTHON) bench/absmax.py --repeats 20
 	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 60 --control --json runs/bench/resnet20.json
@@ -44,7 +45,7 @@ bench-gpu: $(STAMP)
 	$(PYTHON) $(GPU_STEPS) --compile-mode reduce-overhead --json runs/bench/resnet20_cuda_graphs.json
 
 reference: $(STAMP)  # regenerate README.md's YAML reference from the schema
-	$(PYTHON) -m src.config --write README.md
+	$(PYTHON) -m codeq.app.config --write README.md
 
 clean:
 	rm -rf runs wandb .pytest_cache

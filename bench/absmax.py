@@ -30,13 +30,11 @@ import random
 import statistics
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import (  # noqa: E402
+from codeq.quantizers.percentile import order_statistics_by_topk, quantile_ranks, robust_absmax, robust_absmaxes
+from common import (
     CLOCKS,
     MODELS,
     latent_weights,
@@ -46,7 +44,6 @@ from common import (  # noqa: E402
     timed,
     write_results,
 )
-from src.percentile import order_statistics_by_topk, quantile_ranks, robust_absmax, robust_absmaxes  # noqa: E402
 
 DEFAULT_SIZES = "1e3,1e4,36864,1e5,1e6,2359296,16777216,3.4e7"
 

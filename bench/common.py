@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.models import create_model
-from src.quantizer import DeadZoneLDZCompander
-from src.utils_quantization import attach_weight_quantizers, latent_weight, quantized_layers
+from codeq.attach import attach_weight_quantizers, latent_weight, quantized_layers
+from codeq.models import create_model
+from codeq.quantizers import DeadZoneLDZCompander
 
 # round(tanh(0.35) * (8 - 2) + 2) = 4 bits to start from.
 QAT_KWARGS = {"fixed_bit_val": 4, "max_bits": 8, "init_bit_logit": 0.35, "learnable_bit": True,

@@ -4,10 +4,10 @@
                               [--json PATH]
 
 For each run (a run directory or a checkpoint) three files are written to --out-dir: the FP32 model (its latent
-weights, no quantization), the CoDeQ export (``python -m src.export CKPT OUT.onnx``) and the slimmed CoDeQ export
+weights, no quantization), the CoDeQ export (``codeq export CKPT OUT.onnx``) and the slimmed CoDeQ export
 (``--slim``). Each runs in onnxruntime CPU sessions with --threads intra-op threads and onnxruntime's default graph
 optimisations; the CoDeQ files twice: as onnxruntime loads them by default (weights decoded at every run) and with
-their weights decoded once at load (``session.disable_quant_qdq``, ``src.onnx_export.session``). Per batch size,
+their weights decoded once at load (``session.disable_quant_qdq``, ``codeq.export.onnx.session``). Per batch size,
 every repeat times one run of each session, in a new seeded random order, on the same random batch; the table
 shows the median of the repeats and its ratio to FP32's. The last line printed is the slimmed CoDeQ (decoded at
 load) / FP32 latency at the largest batch, for each run.
@@ -25,20 +25,13 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import load_average, timed, write_results  # noqa: E402
-from src.compression import count_macs  # noqa: E402
-from src.onnx_export import (  # noqa: E402
-    export_onnx,
-    plain_model,
-    run_session,
-    serialized,
-    session,
-    to_onnx,
-    write_atomically,
-)
-from src.report import example_input, model_from_checkpoint, resolve_checkpoint  # noqa: E402
+from codeq.app.checkpoint import checkpoint_path
+from codeq.app.report import example_input, model_from_checkpoint
+from codeq.compression import count_macs
+from codeq.export.grids import plain_model
+from codeq.export.onnx import export_onnx, run_session, serialized, session, to_onnx
+from codeq.io import atomic_write
+from common import load_average, timed, write_results
 
 FILES = ("FP32", "CoDeQ", "CoDeQ slim")
 # What is timed: (label, file, weights decoded at load).
@@ -71,7 +64,7 @@ def cpu_name() -> str:
 
 def write_files(run: Path, out_dir: Path) -> dict[str, dict]:
     """The three ONNX files of one run, and per file its size, parameters and MACs per sample."""
-    checkpoint = resolve_checkpoint(run)
+    checkpoint = checkpoint_path(run)
     model, config, _ = model_from_checkpoint(checkpoint)
     model.eval()
     example = example_input(config)
@@ -79,7 +72,7 @@ def write_files(run: Path, out_dir: Path) -> dict[str, dict]:
     fp32_model = plain_model(model, quantized=False)
     graph = to_onnx(fp32_model, example)
     paths = {file: out_dir / f"{name}_{file.lower().replace(' ', '_')}.onnx" for file in FILES}
-    write_atomically(serialized(graph), paths["FP32"])
+    atomic_write(paths["FP32"], serialized(graph))
     dense = {"parameters": sum(p.numel() for p in fp32_model.parameters()),
              "macs": sum(count_macs(fp32_model, example).values())}
     export_onnx(model, example, paths["CoDeQ"], graph=graph)
@@ -139,7 +132,7 @@ def main() -> int:
             for label, values in seconds.items():
                 variants[label].setdefault("seconds", {})[str(batch)] = values
                 variants[label].setdefault("median_s", {})[str(batch)] = statistics.median(values)
-        results[resolve_checkpoint(run).parent.name] = variants
+        results[checkpoint_path(run).parent.name] = variants
     machine = (f"{cpu_name()}, {os.cpu_count()} cores ({platform.machine()}), onnxruntime {ort.__version__} "
                f"CPUExecutionProvider, {args.threads} intra-op threads, median of {args.repeats} repeats")
     print(machine)

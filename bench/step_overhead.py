@@ -30,9 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import (  # noqa: E402
+from codeq.attach import quantized_layers, weights_quantized_once
+from codeq.optim import fused_option
+from codeq.training.loop import train, validate
+from codeq.training.memory import keep_freed_memory
+from codeq.training.step_settings import StepSettings
+from common import (
     CLOCKS,
     MODELS,
     BenchModel,
@@ -42,11 +45,6 @@ from common import (  # noqa: E402
     timed,
     write_results,
 )
-from src.memory import keep_freed_memory  # noqa: E402
-from src.optim import fused_option  # noqa: E402
-from src.step_settings import StepSettings  # noqa: E402
-from src.train import train, validate  # noqa: E402
-from src.utils_quantization import quantized_layers, weights_quantized_once  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

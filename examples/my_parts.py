@@ -6,11 +6,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from src.data import DATASET_REGISTRY
-from src.models import MODEL_REGISTRY
-from src.quantizer import QUANTIZER_REGISTRY
-from src.structured_loss import LOSS_REGISTRY
-from src.utils_quantization import round_ste
+from codeq import LOSS_REGISTRY, MODEL_REGISTRY, QUANTIZER_REGISTRY
+from codeq.data import DATASET_REGISTRY
+from codeq.quantizers.ste import round_ste
 
 
 @QUANTIZER_REGISTRY.register("pow2")

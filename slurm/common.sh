@@ -23,7 +23,6 @@ if [[ -z ${CODEQ_PYTHON:-} ]]; then
   CODEQ_PYTHON=python3
   if [[ -x $CODEQ_ROOT/.venv/bin/python ]]; then CODEQ_PYTHON=$CODEQ_ROOT/.venv/bin/python; fi
 fi
-export PYTHONPATH=$CODEQ_ROOT${PYTHONPATH:+:$PYTHONPATH}  # for python -m src.<module> from any directory
 export PYTHONUNBUFFERED=1  # log lines reach the Slurm output file as they happen
 
 codeq_log() { echo "[codeq $(date +%H:%M:%S)] $*"; }

@@ -25,13 +25,13 @@ sweep=$1
 shift
 
 if [[ -z ${SLURM_ARRAY_TASK_ID:-} ]]; then
-  tasks=$("$CODEQ_PYTHON" -m src.sweep "$sweep")  # validates every task; a bad one stops here
+  tasks=$("$CODEQ_PYTHON" -m codeq sweep "$sweep")  # validates every task; a bad one stops here
   echo "submitting $tasks tasks of $sweep"
   exec sbatch --array="0-$(( tasks - 1 ))" "$@" "$CODEQ_ROOT/slurm/sweep.sh" "$sweep"
 fi
 
 codeq_job_header
-mapfile -t task_args < <("$CODEQ_PYTHON" -m src.sweep "$sweep" --task "$SLURM_ARRAY_TASK_ID")
+mapfile -t task_args < <("$CODEQ_PYTHON" -m codeq sweep "$sweep" --task "$SLURM_ARRAY_TASK_ID")
 (( ${#task_args[@]} > 0 )) || exit 2
 codeq_log "sweep $sweep task $SLURM_ARRAY_TASK_ID"
 codeq_train_single "${task_args[@]}"

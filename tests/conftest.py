@@ -1,12 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # W&B stays off in tests unless a test turns it on itself.
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -20,7 +18,7 @@ def root() -> Path:
 @pytest.fixture
 def percentile_selections(monkeypatch) -> list[list]:
     """The weights of each ``robust_absmaxes`` call ``percentiles_selected_together`` makes, one list a call."""
-    from src import utils_quantization
+    from codeq import attach as utils_quantization
 
     calls = []
     real = utils_quantization.robust_absmaxes

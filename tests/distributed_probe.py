@@ -10,14 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src import distributed  # noqa: E402
-from src.compression import layer_stats, summary  # noqa: E402
-from src.config import load_config  # noqa: E402
-from src.data import build_loaders, load_dataset  # noqa: E402
-from src.experiment import build_loss_terms, build_model, optimizer_for, seed_everything  # noqa: E402
-from src.train import train, validate  # noqa: E402
+from codeq.app.config import load_config
+from codeq.app.experiment import build_loss_terms, build_model, optimizer_for, seed_everything
+from codeq.compression import layer_stats, summary
+from codeq.data.base import load_dataset
+from codeq.data.loaders import build_loaders
+from codeq.training import distributed
+from codeq.training.loop import train, validate
 
 
 def main(config_path: str, out_dir: str) -> None:

@@ -6,10 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from src import percentile
-from src.models import create_model
-from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
-from src.utils_quantization import (
+from codeq.attach import (
     FakeQuantParametrization,
     attach_weight_quantizers,
     latent_weight,
@@ -18,6 +15,8 @@ from src.utils_quantization import (
     toggle_quantization,
     weights_quantized_once,
 )
+from codeq.models import create_model
+from codeq.quantizers import DeadZoneLDZCompander, UniformSymmetric, percentile
 
 
 def weight_owners(model: nn.Module) -> list[str]:
@@ -135,7 +134,7 @@ def test_vit_attachment_and_exclusion():
 
 def test_attachment_is_logged_not_printed(caplog, capsys):
     model = create_model("mlp", 10, 8)
-    with caplog.at_level(logging.INFO, logger="src.utils_quantization"):
+    with caplog.at_level(logging.INFO, logger="codeq.attach"):
         attach_weight_quantizers(model, ["5"], UniformSymmetric, {"bitwidth": 4})
     assert "quantized 2 layers with UniformSymmetric: 1, 3" in caplog.text
     assert "left 1 layers in FP32 (exclude_layers): 5" in caplog.text

@@ -5,12 +5,12 @@ import re
 import subprocess
 import sys
 
-import run_training
+from codeq.app import cli
 from conftest import quick_config, write_config
 
 
 def test_inference_bench_writes_times_and_tabulates_three_files_per_run(root, tmp_path):
-    assert run_training.main(["--config", str(write_config(tmp_path, quick_config(tmp_path, model="mlp")))]) == 0
+    assert cli.main(["train", "--config", str(write_config(tmp_path, quick_config(tmp_path, model="mlp")))]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     done = subprocess.run([sys.executable, "bench/inference.py", str(run_dir), "--threads", "1", "--repeats", "3",
                            "--batches", "1,4", "--out-dir", str(tmp_path / "onnx"), "--json", str(tmp_path / "x.json")],

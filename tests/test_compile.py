@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from src.quantizer import DeadZoneLDZCompander
-from src.train import train, validate
-from src.utils_quantization import attach_weight_quantizers, percentiles_selected_together, quantized_layers
+from codeq.attach import attach_weight_quantizers, percentiles_selected_together, quantized_layers
+from codeq.quantizers import DeadZoneLDZCompander
+from codeq.training.loop import train, validate
 
 
 def quantized_mlp() -> torch.nn.Module:
@@ -80,12 +80,12 @@ def test_compiled_graph_reads_each_steps_percentiles_instead_of_selecting_them()
 def test_compiled_qat_run_end_to_end(tmp_path):
     """run_training with the GPU target's options (use_compile, bf16 autocast, channels-last, data held
     and augmented on the device) on the CPU: trains, validates, reports compression and checkpoints."""
+    from codeq.app.cli import main
     from conftest import quick_config, write_config
-    from run_training import main
 
     config = quick_config(tmp_path, model="mlp", use_compile=True, amp="bf16", channels_last=True,
                           data_on_device=True, epochs=2)
-    assert main(["--config", str(write_config(tmp_path, config))]) == 0
+    assert main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     run_dir = next((tmp_path / "runs").iterdir())
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]

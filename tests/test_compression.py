@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.compression import (
+from codeq.attach import attach_weight_quantizers
+from codeq.compression import (
     BopsSettings,
     CompressionMonitor,
     count_macs,
@@ -18,9 +19,8 @@ from src.compression import (
     structured_macs,
     summary,
 )
-from src.models import create_model
-from src.quantizer import DeadZoneLDZCompander
-from src.utils_quantization import attach_weight_quantizers
+from codeq.models import create_model
+from codeq.quantizers import DeadZoneLDZCompander
 
 
 class KeepFirst(nn.Module):

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-import run_training
+from codeq.app import cli
+from codeq.app.config import config_to_dict, load_config
 from conftest import ROOT, quick_config, write_config
-from src.config import config_to_dict, load_config
 
 
 def setting(path, value):
@@ -151,7 +151,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     spec, extra, key, fragments = CASES[case]
     path = tmp_path / "absent.yaml" if case == "missing file" else make_config_file(tmp_path, spec)
 
-    code = run_training.main(["--config", str(path), *extra])
+    code = cli.main(["train", "--config", str(path), *extra])
 
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -185,7 +185,7 @@ def test_command_line_prints_no_traceback_and_creates_nothing(tmp_path):
 
 def test_verbose_adds_the_traceback(tmp_path, capsys):
     path = write_config(tmp_path, quick_config(tmp_path, model="resnet19"))
-    assert run_training.main(["--config", str(path), "--verbose"]) == 2
+    assert cli.main(["train", "--config", str(path), "--verbose"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err
     assert err.strip().splitlines()[-1].startswith(f"config error: {path}: model: unknown model 'resnet19'")
@@ -198,5 +198,5 @@ def test_set_overrides_reach_the_resolved_config(tmp_path, capsys):
     resolved = config_to_dict(load_config(path, overrides))
     assert resolved["optimizer"]["param_groups"]["dz"]["weight_decay"] == 2.5
     assert resolved["quantizer"]["kwargs"]["fixed_bit_val"] == 3 and resolved["seed"] == 7
-    assert run_training.main(["--config", str(path), "--dry-run", *(f"--set={item}" for item in overrides)]) == 0
+    assert cli.main(["train", "--config", str(path), "--dry-run", *(f"--set={item}" for item in overrides)]) == 0
     assert "run name:   mlp_deadzone3b_e1_lr0.003" in capsys.readouterr().out

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
+from codeq.quantizers import DeadZoneLDZCompander
+from codeq.quantizers.percentile import robust_absmax, robust_absmaxes
 from conftest import quick_config, write_config
-from src.percentile import robust_absmax, robust_absmaxes
-from src.quantizer import DeadZoneLDZCompander
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -69,11 +69,11 @@ def test_quantizer_on_gpu_matches_the_cpu(shape):
 
 
 def test_compiled_bf16_channels_last_qat_run_on_gpu(tmp_path):
-    from run_training import main
+    from codeq.app.cli import main
 
     config = quick_config(tmp_path, amp="bf16", channels_last=True, data_on_device=True, use_compile=True,
                           img_size=32, epochs=2, device="cuda")
-    assert main(["--config", str(write_config(tmp_path, config))]) == 0
+    assert main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     lines = next((tmp_path / "runs").rglob("metrics.jsonl")).read_text().splitlines()
     assert len(lines) == 2
     final = json.loads(lines[-1])

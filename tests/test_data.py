@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.data import CIFAR10_MEAN, CIFAR10_STD, DATASET_REGISTRY, cifar10, digits
+from codeq.data.base import DATASET_REGISTRY
+from codeq.data.datasets import CIFAR10_MEAN, CIFAR10_STD, cifar10, digits
 
 PER_BATCH = 6
 
@@ -92,7 +93,7 @@ def test_digits_split_and_shapes(tmp_path):
 
 
 def test_registry_classes():
-    from src.data import declared_classes
+    from codeq.data.base import declared_classes
 
     assert {name: declared_classes(name) for name in DATASET_REGISTRY} == {
         "cifar10": 10, "cifar100": 100, "digits": 10, "imagefolder": None, "imagenet": 1000}

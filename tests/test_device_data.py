@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler
 
+from codeq.data.base import DatasetPair
+from codeq.data.datasets import CIFAR10_MEAN, CIFAR10_STD
+from codeq.data.loaders import ResumableSampler
+from codeq.data.on_device import DeviceLoader, cifar_on_device, device_loaders, random_crop, random_flip
+from codeq.training.step_settings import StepSettings
 from conftest import quick_config, write_config
-from src.data import CIFAR10_MEAN, CIFAR10_STD, DatasetPair, ResumableSampler
-from src.device_data import DeviceLoader, cifar_on_device, device_loaders, random_crop, random_flip
-from src.step_settings import StepSettings
 
 # The device-side pipeline on every device present (the GPU one where CUDA exists).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -161,7 +163,7 @@ def test_channels_last_reaches_model_and_batches():
 
 
 def test_fp16_steps_go_through_the_grad_scaler():
-    from src.train import train
+    from codeq.training.loop import train
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -175,9 +177,9 @@ def test_fp16_steps_go_through_the_grad_scaler():
 
 
 def test_training_runs_with_bf16_channels_last_and_data_on_device(tmp_path):
-    from run_training import main
+    from codeq.app.cli import main
 
     config = quick_config(tmp_path, amp="bf16", channels_last=True, data_on_device=True, img_size=8)
-    assert main(["--config", str(write_config(tmp_path, config))]) == 0
+    assert main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     lines = next((tmp_path / "runs").rglob("metrics.jsonl")).read_text().splitlines()
     assert len(lines) == 1 and '"val_acc"' in lines[0]

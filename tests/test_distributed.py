@@ -11,12 +11,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from codeq.app.config import load_config
+from codeq.app.experiment import build_model
+from codeq.data.base import load_dataset
+from codeq.data.loaders import build_loaders
+from codeq.training import distributed
+from codeq.training.loop import validate
 from conftest import ROOT, quick_config, write_config
-from src import distributed
-from src.config import load_config
-from src.data import build_loaders, load_dataset
-from src.experiment import build_model
-from src.train import validate
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 # The 2-process run sees the same global batches as the 1-process run (rank r takes every other sample of

@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
-import run_training
+from codeq.app import cli
+from codeq.data.base import DATASET_REGISTRY
 from conftest import ROOT, quick_config, write_config
-from src.data import DATASET_REGISTRY
 
 GROUP_LASSO = {"name": "group_lasso", "lambda": 0.5, "kwargs": {"lambda_linear": 1e-4, "lambda_conv": 2e-4}}
 
@@ -14,7 +14,7 @@ GROUP_LASSO = {"name": "group_lasso", "lambda": 0.5, "kwargs": {"lambda_linear":
 def dry_run(tmp_path, capsys, caplog, *extra, **overrides):
     path = write_config(tmp_path, quick_config(tmp_path, **overrides))
     with caplog.at_level(logging.INFO):
-        code = run_training.main(["--config", str(path), "--dry-run", *extra])
+        code = cli.main(["train", "--config", str(path), "--dry-run", *extra])
     return code, capsys.readouterr().out
 
 
@@ -50,7 +50,7 @@ def test_dry_run_refuses_what_a_real_start_refuses_in_a_directory_with_a_checkpo
     run_dir.mkdir(parents=True)
     (run_dir / "last.pt").write_bytes(b"")
     path = write_config(tmp_path, quick_config(tmp_path, model="mlp", quantizer=None))
-    assert run_training.main(["--config", str(path), "--dry-run"]) == 2
+    assert cli.main(["train", "--config", str(path), "--dry-run"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert f"save_dir: {run_dir} already holds a checkpoint (last.pt); pass --resume auto" in captured.err
@@ -63,7 +63,7 @@ def test_logit_parameters_without_a_group_join_base_with_a_notice(tmp_path, caps
     assert "bit" not in config["optimizer"]["param_groups"]
     path = write_config(tmp_path, config)
     with caplog.at_level(logging.INFO):
-        assert run_training.main(["--config", str(path), "--dry-run"]) == 0
+        assert cli.main(["train", "--config", str(path), "--dry-run"]) == 0
     assert "no optimizer group 'dz' configured: its 3 parameters join 'base'" in caplog.text
     assert "no optimizer group 'bit' configured: its 3 parameters join 'base'" in caplog.text
     [base] = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("base ")]
@@ -89,7 +89,7 @@ def test_settings_that_would_silently_do_nothing_are_warned_about(tmp_path, caps
 @pytest.mark.parametrize("name", ["quickstart", "baseline_resnet20", "deadzone_resnet20", "deadzone_vit"])
 def test_the_shipped_configs_start_without_warnings(tmp_path, caplog, capsys, name):
     with caplog.at_level(logging.WARNING):
-        code = run_training.main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--device", "cpu", "--dry-run",
+        code = cli.main(["train", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--device", "cpu", "--dry-run",
                                   "--set", f"save_dir={tmp_path}"])
     assert code == 0
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-import run_training
+from codeq.app import cli
 from conftest import ROOT, quick_config, write_config
 
 QUANTIZERS = {
@@ -26,7 +26,7 @@ def read_metrics(run_dir):
 @pytest.mark.parametrize("kind", list(QUANTIZERS))
 def test_one_epoch_run_writes_metrics_config_and_checkpoints(tmp_path, capsys, kind):
     config_path = write_config(tmp_path, quick_config(tmp_path, quantizer=QUANTIZERS[kind]))
-    assert run_training.main(["--config", str(config_path), "--device", "cpu"]) == 0
+    assert cli.main(["train", "--config", str(config_path), "--device", "cpu"]) == 0
     run_dir = tmp_path / "runs" / RUN_NAMES[kind]
     [record] = read_metrics(run_dir)
     assert record["epoch"] == 1

@@ -1,5 +1,5 @@
 """The train-FP32-then-compress workflow on a generated JPEG image folder: init_from (a run, a QAT checkpoint, plain
-state_dict files, a head of another size), and src.evaluate reproducing runs' accuracies from checkpoints, copies
+state_dict files, a head of another size), and codeq evaluate reproducing runs' accuracies from checkpoints, copies
 and exports."""
 import json
 import logging
@@ -10,15 +10,15 @@ import sys
 import pytest
 import torch
 
-import run_training
+from codeq.app import cli, evaluate
+from codeq.app.config import load_config
+from codeq.app.experiment import build_model
+from codeq.attach import toggle_quantization
+from codeq.data.base import load_dataset
+from codeq.data.loaders import build_loaders
+from codeq.models import create_model
+from codeq.training.loop import validate
 from conftest import ROOT, image_config, write_config, write_image_tree
-from src import evaluate
-from src.config import load_config
-from src.data import build_loaders, load_dataset
-from src.experiment import build_model
-from src.models import create_model
-from src.train import validate
-from src.utils_quantization import toggle_quantization
 
 # timm's 0.37 M-parameter test_resnet keeps these tests quick; its BatchNorms are bn*, the stem's conv1.1 and conv1.4
 # and downsample.2, which stay FP32.
@@ -32,7 +32,7 @@ def last_record(run_dir):
 
 
 def train(tmp_path, config, *extra):
-    assert run_training.main(["--config", str(write_config(tmp_path, config)), *extra]) == 0
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config)), *extra]) == 0
     return next(path for path in (tmp_path / "runs").iterdir() if path.is_dir())
 
 
@@ -147,7 +147,7 @@ def test_weights_that_do_not_fit_are_one_config_error(tmp_path, capsys, make, pr
     path = tmp_path / "weights.pth"
     make(path)
     config = image_config(tmp_path, tmp_path, dataset="digits", init_from=str(path))
-    assert run_training.main(["--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"config error: {tmp_path / 'config.yaml'}: init_from: {path} ") and problem in line, line
 
@@ -162,7 +162,7 @@ def test_evaluate_reproduces_a_runs_val_accuracy(request, run):
 
 
 def test_the_command_prints_accuracy_and_compression(qat_run):
-    done = subprocess.run([sys.executable, "-m", "src.evaluate", str(qat_run), "--device", "cpu"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "codeq", "evaluate", str(qat_run), "--device", "cpu"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     record, lines = last_record(qat_run), done.stdout.splitlines()
@@ -173,16 +173,15 @@ def test_the_command_prints_accuracy_and_compression(qat_run):
 
 def test_a_copied_best_pt_reports_its_accuracy(tmp_path, capsys, qat_run):
     shutil.copy(qat_run / "best.pt", tmp_path / "best.pt")
-    assert evaluate.main([str(tmp_path / "best.pt"), "--device", "cpu"]) == 0
+    assert cli.main(["evaluate", str(tmp_path / "best.pt"), "--device", "cpu"]) == 0
     best = torch.load(tmp_path / "best.pt", weights_only=True)["best_val_acc"]
     [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| CoDeQ |")]
     assert row.split(" | ")[3] == f"{100 * best:.2f}"
 
 
 def test_an_export_evaluates_to_its_checkpoints_accuracy(tmp_path, capsys, qat_run):
-    from src.export import main as export
 
-    assert export([str(qat_run / "last.pt"), str(tmp_path / "model.codeq")]) == 0
+    assert cli.main(["export", str(qat_run / "last.pt"), str(tmp_path / "model.codeq")]) == 0
     result = evaluate.evaluate(tmp_path / "model.codeq", device="cpu")
     assert result.acc == last_record(qat_run)["val_acc"]
     summary = result.evaluated.summarise(result.acc)
@@ -194,18 +193,18 @@ def test_another_data_dir_or_data_set(tmp_path, capsys, fp32_run):
     other = write_image_tree(tmp_path / "other", per_class=(1, 3), seed=1)
     result = evaluate.evaluate(fp32_run, data_dir=str(other), device="cpu", batch_size=4)
     assert result.images == 9 and result.config.data_dir == str(other)
-    assert evaluate.main([str(fp32_run), "--dataset", "digits", "--device", "cpu"]) == 2
+    assert cli.main(["evaluate", str(fp32_run), "--dataset", "digits", "--device", "cpu"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("config error: --dataset: digits from ") and line.endswith(
         "has 10 classes, the model 3; evaluate on data of the classes the model was trained on")
 
 
 def test_bad_input_is_one_line(tmp_path, capsys, fp32_run):
-    assert evaluate.main([str(tmp_path / "nothing.pt")]) == 2
+    assert cli.main(["evaluate", str(tmp_path / "nothing.pt")]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"evaluate error: {tmp_path / 'nothing.pt'} is neither a checkpoint of this tool nor an "
                            "export")
-    assert evaluate.main([str(fp32_run), "--data-dir", str(tmp_path / "absent"), "--device", "cpu"]) == 1
+    assert cli.main(["evaluate", str(fp32_run), "--data-dir", str(tmp_path / "absent"), "--device", "cpu"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line == (f"error: cannot load data set 'imagefolder' from '{tmp_path / 'absent'}': no train/ folder at "
                     f"{tmp_path / 'absent' / 'train'} (an image folder holds train/ and val/, each with one folder per "

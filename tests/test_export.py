@@ -1,12 +1,13 @@
 """Export: bit-packing, exact round trip of the fake-quantized model, size, and the command line."""
 import torch
 
-import run_training
+from codeq.app import cli
+from codeq.app.config import config_to_dict, validate_config
+from codeq.app.experiment import build_model
+from codeq.app.export import model_from_export
+from codeq.compression import SCALE_BYTES, model_size
+from codeq.export.packed import export_model, load_export, pack_bits, unpack_bits
 from conftest import quick_config, write_config
-from src.compression import SCALE_BYTES, model_size
-from src.config import config_to_dict, validate_config
-from src.experiment import build_model
-from src.export import export_model, load_export, main, model_from_export, pack_bits, unpack_bits
 
 
 def quantized_model(tmp_path, **quantizer):
@@ -69,18 +70,18 @@ def test_export_size_matches_the_size_accounting(tmp_path):
 
 
 def test_export_command_reports_sizes_and_rejects_bad_input(tmp_path, capsys):
-    assert run_training.main(["--config", str(write_config(tmp_path, quick_config(tmp_path, model="mlp")))]) == 0
+    assert cli.main(["train", "--config", str(write_config(tmp_path, quick_config(tmp_path, model="mlp")))]) == 0
     checkpoint = next((tmp_path / "runs").glob("*/last.pt"))
     capsys.readouterr()
     out = tmp_path / "exported" / "model.codeq"
-    assert main([str(checkpoint), str(out)]) == 0
+    assert cli.main(["export", str(checkpoint), str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"wrote {out}: {out.stat().st_size:,} B")
     assert f"checkpoint {checkpoint} {checkpoint.stat().st_size:,} B" in lines[1]
 
-    assert main([str(tmp_path / "missing.pt"), str(tmp_path / "never.codeq")]) == 2
+    assert cli.main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "never.codeq")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("export error:") and "missing.pt" in error and "\n" not in error
     assert not (tmp_path / "never.codeq").exists()
-    assert main([str(out), str(tmp_path / "never.codeq")]) == 2  # an export is not a training checkpoint
+    assert cli.main(["export", str(out), str(tmp_path / "never.codeq")]) == 2  # an export is not a training checkpoint
     assert "not a CoDeQ-train checkpoint" in capsys.readouterr().err

@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-import run_training
+from codeq.app import cli
+from codeq.data import image_folders
+from codeq.data.base import load_dataset
+from codeq.data.datasets import CIFAR100, cifar100
+from codeq.data.image_folders import IMAGENET_MEAN, IMAGENET_STD
+from codeq.data.loaders import build_loaders
+from codeq.data.on_device import device_loaders
+from codeq.errors import DataError
 from conftest import image_config, write_config, write_image_tree
-from src import image_folders
-from src.data import CIFAR100, build_loaders, cifar100, load_dataset
-from src.device_data import device_loaders
-from src.errors import DataError
-from src.image_folders import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_an_image_folder_reads_classes_from_train_and_transforms_like_imagenet(image_tree):
@@ -80,7 +82,7 @@ def test_layout_problems_are_one_line_naming_the_folder_or_file(tmp_path, capsys
     root = write_image_tree(tmp_path / "data", per_class=(2, 2))
     damage(root)
     config_path = write_config(tmp_path, image_config(tmp_path, root))
-    assert run_training.main(["--config", str(config_path)]) == 1
+    assert cli.main(["train", "--config", str(config_path)]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert message.format(root=root) in line, line
     assert not (tmp_path / "runs").exists()
@@ -105,7 +107,7 @@ def test_an_unreadable_image_of_a_large_split_is_named_when_read_also_from_a_wor
     with pytest.raises(DataError, match=f"cannot read image {broken} "):
         pair.train[pair.train.samples.index((str(broken), 1))]
     config_path = write_config(tmp_path, image_config(tmp_path, root, workers=1, batch_size=12, img_size=16))
-    assert run_training.main(["--config", str(config_path)]) == 1
+    assert cli.main(["train", "--config", str(config_path)]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()  # torch's worker traceback is not shown
     assert line.startswith(f"error: cannot read image {broken} (OSError: ") and line.endswith("delete or replace it")
 
@@ -160,7 +162,7 @@ def test_loader_settings_reach_the_loaders(image_tree):
 
 
 def test_a_run_passes_the_loader_keys_and_logs_images_per_second(tmp_path, image_tree, monkeypatch, caplog):
-    from src import trainer
+    from codeq.app import trainer
 
     seen = {}
 
@@ -172,7 +174,7 @@ def test_a_run_passes_the_loader_keys_and_logs_images_per_second(tmp_path, image
     config = image_config(tmp_path, image_tree, model="mlp", workers=1, persistent_workers=False, prefetch_factor=3,
                           pin_memory=False)
     with caplog.at_level(logging.INFO):
-        assert run_training.main(["--config", str(write_config(tmp_path, config))]) == 0
+        assert cli.main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     assert {key: seen[key] for key in ("persistent_workers", "prefetch_factor", "pin_memory")} == {
         "persistent_workers": False, "prefetch_factor": 3, "pin_memory": False}
     lines = [record.getMessage() for record in caplog.records if "epoch 1 train step" in record.getMessage()]

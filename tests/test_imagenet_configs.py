@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-import run_training
-from src.models import create_model
+from codeq.app import cli
+from codeq.models import create_model
 
 WEIGHT_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
 LAYERS = {"resnet18": 21, "resnet50": 54}  # every conv (downsample.0 included) and fc
@@ -28,7 +28,7 @@ def test_imagenet_config_dry_runs_and_trains_an_epoch(tmp_path, capsys, monkeypa
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     config = f"configs/deadzone_{model}_imagenet.yaml"
     save = [f"--set=save_dir={tmp_path}", "--set=wandb_project=null", "--device", "cpu"]
-    assert run_training.main(["--config", config, "--dry-run", *save]) == 0
+    assert cli.main(["train", "--config", config, "--dry-run", *save]) == 0
     out = capsys.readouterr().out
     assert f"model:      {model} (" in out and "img_size 224, imagenet (1000 classes), 30 epochs of batch 256" in out
     assert f"quantized:  {LAYERS[model]} layers: conv1, layer1.0.conv1," in out
@@ -36,7 +36,7 @@ def test_imagenet_config_dry_runs_and_trains_an_epoch(tmp_path, capsys, monkeypa
     small = [f"--set={key}={value}" for key, value in (("dataset", "imagefolder"), ("data_dir", image_tree),
                                                        ("img_size", 32), ("batch_size", 24), ("epochs", 1),
                                                        ("workers", 0))]
-    assert run_training.main(["--config", config, *save, *small]) == 0
+    assert cli.main(["train", "--config", config, *save, *small]) == 0
     [run_dir] = [path for path in tmp_path.iterdir() if path.is_dir()]
     [record] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert record["epoch"] == 1 and record["mean_bits"] == 8 and record["lr"] == pytest.approx(1e-5)

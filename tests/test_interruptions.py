@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-import run_training
+from codeq.app import cli
+from codeq.app.trainer import lock_run_directory
+from codeq.errors import ConfigError
 from conftest import ROOT, quick_config, write_config
-from src.errors import ConfigError
-from src.trainer import lock_run_directory
 
 RUN = "resnet20_deadzone4b_e1_lr0.003"
 
@@ -72,7 +72,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130_then_resumes(tmp_pat
     assert line == (f"interrupted: checkpoint written at epoch 1 step {checkpoint['epoch_step']}; "
                     f"resume with --resume auto")
     assert checkpoint["epoch_step"] >= 5
-    assert run_training.main(["--config", str(config), "--resume", "auto"]) == 0
+    assert cli.main(["train", "--config", str(config), "--resume", "auto"]) == 0
     assert json.loads((tmp_path / "runs" / RUN / "metrics.jsonl").read_text())["epoch"] == 1
 
 
@@ -94,7 +94,7 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
 
 
 def test_stop_request_takes_one_ctrl_c_and_aborts_on_the_second():
-    from run_training import StopRequest
+    from codeq.app.train import StopRequest
 
     stop = StopRequest(torch.device("cpu"))
     stop.handle(signal.SIGINT, None)
@@ -138,11 +138,10 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path, umask, mode):
     config = write_config(tmp_path, quick_config(tmp_path, model="mlp"))
     previous = os.umask(umask)
     try:
-        assert run_training.main(["--config", str(config)]) == 0
-        from src.export import main as export
+        assert cli.main(["train", "--config", str(config)]) == 0
 
         run_dir = tmp_path / "runs" / "mlp_deadzone4b_e1_lr0.003"
-        assert export([str(run_dir / "last.pt"), str(tmp_path / "model.codeq")]) == 0
+        assert cli.main(["export", str(run_dir / "last.pt"), str(tmp_path / "model.codeq")]) == 0
     finally:
         os.umask(previous)
     for path in (run_dir / "last.pt", run_dir / "best.pt", run_dir / "config.yaml", tmp_path / "model.codeq"):
@@ -152,7 +151,7 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path, umask, mode):
 def test_a_process_with_live_loader_workers_exits():
     """Workers ignore SIGTERM, which multiprocessing's exit handler sends before it waits for them: without
     ``kill_loader_workers`` a process whose persistent workers were still alive hung at exit for ever."""
-    script = ("import torch\nfrom src.data import build_loaders, load_dataset\n"
+    script = ("import torch\nfrom codeq.data import load_dataset\nfrom codeq.data.loaders import build_loaders\n"
               "train, _ = build_loaders(load_dataset('digits', 'data', 8), 64, 2, torch.Generator().manual_seed(0))\n"
               "next(iter(train))\nprint('done', flush=True)\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)

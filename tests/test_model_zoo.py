@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
-import run_training
+from codeq.app import cli
+from codeq.errors import ConfigError
+from codeq.models import create_model
 from conftest import image_config, write_config
-from src.errors import ConfigError
-from src.models import create_model
 
 
 @pytest.mark.parametrize("model,classifier", [("resnet18", "fc"), ("timm.test_resnet", "fc")])
@@ -17,7 +17,7 @@ def test_an_image_folder_trains_a_torchvision_and_a_timm_model(tmp_path, image_t
     quantizer = {"name": "deadzone", "kwargs": {"fixed_bit_val": 4, "learnable_bit": False},
                  "exclude_layers": ["bn", "downsample"]}
     config = image_config(tmp_path, image_tree, model=model, quantizer=quantizer)
-    assert run_training.main(["--config", str(write_config(tmp_path, config))]) == 0
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     [run_dir] = (tmp_path / "runs").iterdir()
     assert run_dir.name == f"{model}_deadzone4b_e1_lr0.003"
     [record] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -34,14 +34,14 @@ def test_an_image_folder_trains_a_torchvision_and_a_timm_model(tmp_path, image_t
 ])
 def test_unknown_names_list_close_matches_from_the_library(tmp_path, capsys, name, expected):
     config = image_config(tmp_path, tmp_path, model=name, dataset="digits")
-    assert run_training.main(["--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert f"model: {expected}" in line
 
 
 def test_an_input_size_the_model_cannot_take_is_a_config_error(tmp_path, capsys):
     config = image_config(tmp_path, tmp_path, model="torchvision.inception_v3", dataset="digits")
-    assert run_training.main(["--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "img_size: torchvision.inception_v3 cannot take 32x32 inputs (" in line
 
@@ -75,7 +75,7 @@ def test_torchvision_weights_come_from_the_cache_and_a_new_head_is_named(torch_h
 
 def test_missing_weights_are_one_line_saying_which_file_goes_where(tmp_path, torch_home, capsys):
     config = image_config(tmp_path, tmp_path, model="torchvision.resnet50", pretrained=True, dataset="digits")
-    assert run_training.main(["--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert ("pretrained: torchvision's resnet50 weights (ResNet50_Weights.IMAGENET1K_V2) are not in the local cache "
             f"and are never downloaded here; place resnet50-11ad3fa6.pth (from https://download.pytorch.org/models/"
@@ -107,5 +107,5 @@ def test_timm_weights_come_from_the_hugging_face_cache(tmp_path, monkeypatch, ca
 
 def test_pretrained_needs_a_model_with_published_weights(tmp_path, capsys):
     config = image_config(tmp_path, tmp_path, model="resnet20", pretrained=True, dataset="digits")
-    assert run_training.main(["--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
     assert "pretrained: model 'resnet20' has no published weights" in capsys.readouterr().err

@@ -7,24 +7,16 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import run_training
+from codeq.app import cli
+from codeq.attach import attach_weight_quantizers, quantized_layers
+from codeq.compression import model_size, structural_probe
+from codeq.export import onnx as onnx_export
+from codeq.export.grids import layer_grids, plain_model
+from codeq.export.onnx import encode_weights, export_onnx, run_session, serialized, session, to_onnx
+from codeq.export.packed import decode_weight
+from codeq.models import create_model
+from codeq.quantizers import DeadZoneLDZCompander
 from conftest import quick_config, write_config
-from src import onnx_export
-from src.compression import model_size, structural_probe
-from src.export import decode_weight, main
-from src.models import create_model
-from src.onnx_export import (
-    encode_weights,
-    export_onnx,
-    layer_grids,
-    plain_model,
-    run_session,
-    serialized,
-    session,
-    to_onnx,
-)
-from src.quantizer import DeadZoneLDZCompander
-from src.utils_quantization import attach_weight_quantizers, quantized_layers
 
 # (image size, layers left FP32) per model: norms stay float, as in the shipped configs.
 MODELS = {"resnet20": (16, ["bn"]), "vit": (32, ["norm"]), "mlp": (8, [])}
@@ -177,11 +169,11 @@ def test_a_copy_without_quantizers_leaves_the_model_whole():
 
 def test_export_command_checks_on_validation_data_and_writes_nothing_on_failure(tmp_path, capsys, monkeypatch):
     config = quick_config(tmp_path, model="mlp")
-    assert run_training.main(["--config", str(write_config(tmp_path, config))]) == 0
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     checkpoint = next((tmp_path / "runs").glob("*/last.pt"))
     capsys.readouterr()
     out = tmp_path / "exported" / "model.onnx"
-    assert main([str(checkpoint), str(out), "--check", "--slim"]) == 0
+    assert cli.main(["export", str(checkpoint), str(out), "--check", "--slim"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"wrote {out}: {out.stat().st_size:,} B; FP32 ONNX ")
     assert lines[1].startswith("weights as integer codes: ")
@@ -193,14 +185,14 @@ def test_export_command_checks_on_validation_data_and_writes_nothing_on_failure(
 
     for argv, message in ([str(checkpoint), str(tmp_path / "model.pt")], "unknown format '.pt'"), (
             [str(checkpoint), str(tmp_path / "model.codeq"), "--slim"], "--slim and --check apply to ONNX"):
-        assert main(argv) == 2
+        assert cli.main(["export", *argv]) == 2
         error = capsys.readouterr().err
         assert error.startswith("export error: ") and message in error and error.count("\n") == 1
 
     out.write_bytes(b"previous")
     real_run = onnx_export.run_session
     monkeypatch.setattr(onnx_export, "run_session", lambda runner, inputs: real_run(runner, inputs) + 1.0)
-    assert main([str(checkpoint), str(out)]) == 2
+    assert cli.main(["export", str(checkpoint), str(out)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("export error: onnxruntime's outputs differ from the fake-quantized model's")
     assert error.count("\n") == 1 and "nothing written" in error

@@ -5,9 +5,9 @@ import logging
 import pytest
 import torch
 
+from codeq.app.config import validate_config
+from codeq.app.experiment import build_model, optimizer_for, run_name
 from conftest import quick_config
-from src.config import validate_config
-from src.experiment import build_model, optimizer_for, run_name
 
 
 def build(tmp_path, **overrides):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from src import _percentile_kernels as kernels
-from src import percentile
-from src.percentile import (
+from codeq.quantizers import _percentile_kernels as kernels
+from codeq.quantizers import percentile
+from codeq.quantizers.percentile import (
     PADDING_LIMIT,
     order_statistics_by_topk,
     padded_topk_absmaxes,
@@ -394,8 +394,8 @@ def test_compiles_without_graph_breaks():
 
 def test_numba_is_imported_on_first_use_only():
     """Importing the module (as --dry-run, config errors and GPU runs do) must not pay numba's import time."""
-    code = ("import sys, torch; from src import percentile; "
-            "assert 'numba' not in sys.modules and 'src._percentile_kernels' not in sys.modules; "
+    code = ("import sys, torch; from codeq.quantizers import percentile; "
+            "assert 'numba' not in sys.modules and 'codeq.quantizers._percentile_kernels' not in sys.modules; "
             "percentile.robust_absmax(torch.randn(10)); assert 'numba' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # together, as a forward pass's activations are, then freed) after two such steps.
 PROBE = """
 import ctypes, resource, sys, torch
-from src.memory import keep_freed_memory
+from codeq.training.memory import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -12,17 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-import run_training
+from codeq.app import cli
+from codeq.errors import RegistrationError
+from codeq.quantizers import QUANTIZER_REGISTRY
 from conftest import ROOT, quick_config, write_config
-from src.errors import RegistrationError
-from src.quantizer import QUANTIZER_REGISTRY
 
 
 @pytest.fixture(autouse=True)
 def registries_as_shipped():
     """What a test's plugins register is gone after it (and their modules, so the next test imports them anew):
     other test files expect the shipped choices only."""
-    from src.config import REGISTRIES
+    from codeq.app.config import REGISTRIES
 
     saved = [(registry, dict(registry)) for registry in REGISTRIES.values()]
     yield
@@ -34,16 +34,33 @@ def registries_as_shipped():
 
 
 def test_the_seeds_imports_and_registry_work_verbatim():
-    from src.quantizer import DeadZoneLDZCompander
-    from src.utils_quantization import UniformSymmetric
-
-    assert run_training.QUANTIZER_REGISTRY is QUANTIZER_REGISTRY
-    assert dict(run_training.QUANTIZER_REGISTRY) == {"uniform": UniformSymmetric, "deadzone": DeadZoneLDZCompander}
+    """From a checkout, as the seed's users write them: every name is codeq's own object, not a copy."""
+    code = """
+import codeq, codeq.attach, codeq.data, codeq.models, codeq.optim, codeq.regularizers, codeq.training.loop
+import run_training
+from src.quantizer import DeadZoneLDZCompander
+from src.utils_quantization import UniformSymmetric, attach_weight_quantizers, round_ste, toggle_quantization
+from src.structured_loss import LOSS_REGISTRY, group_lasso
+from src.train import train, validate
+from src.models import MODEL_REGISTRY
+from src.data import DATASET_REGISTRY
+from src.optim import OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
+assert run_training.QUANTIZER_REGISTRY is codeq.QUANTIZER_REGISTRY
+assert dict(run_training.QUANTIZER_REGISTRY) == {"uniform": UniformSymmetric, "deadzone": DeadZoneLDZCompander}
+assert DeadZoneLDZCompander is codeq.DeadZoneLDZCompander and UniformSymmetric is codeq.UniformSymmetric
+assert attach_weight_quantizers is codeq.attach.attach_weight_quantizers
+assert toggle_quantization is codeq.toggle_quantization and round_ste is codeq.quantizers.ste.round_ste
+assert LOSS_REGISTRY is codeq.LOSS_REGISTRY and group_lasso is codeq.group_lasso
+assert train is codeq.training.loop.train and validate is codeq.training.loop.validate
+assert MODEL_REGISTRY is codeq.MODEL_REGISTRY and DATASET_REGISTRY is codeq.data.DATASET_REGISTRY
+assert OPTIMIZER_REGISTRY is codeq.optim.OPTIMIZER_REGISTRY and SCHEDULER_REGISTRY is codeq.optim.SCHEDULER_REGISTRY
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_train_takes_the_seeds_loss_triples():
-    from src.structured_loss import group_lasso
-    from src.train import train
+    from codeq.regularizers import group_lasso
+    from codeq.training.loop import train
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
@@ -60,8 +77,9 @@ def test_train_takes_the_seeds_loss_triples():
     assert metrics["loss_group_lasso"] == pytest.approx(term.item(), rel=1e-6)
 
 
-def test_modules_under_src_do_not_import_the_entry_point():
-    code = "import sys, src.report, src.export, src.sweep, src.trainer; assert 'run_training' not in sys.modules"
+def test_codeq_does_not_import_the_entry_point_or_the_seed_paths():
+    code = ("import sys, codeq.app.cli, codeq.app.trainer; "
+            "assert 'run_training' not in sys.modules and not any(name.split('.')[0] == 'src' for name in sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -106,13 +124,15 @@ def plugin_config(tmp_path, plugin, **overrides):
     return config
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def command(*args):
+    """``codeq ARGS`` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "codeq", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_a_plugin_outside_the_repository_trains_resumes_reports_and_exports(tmp_path, plugin_file):
     config_path = write_config(tmp_path, plugin_config(tmp_path, plugin_file))
-    assert run_training.main(["--config", str(config_path)]) == 0
+    assert cli.main(["train", "--config", str(config_path)]) == 0
     run_dir = tmp_path / "runs" / "tiny_cnn_pow2_e2_lr0.003"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in records] == [1, 2]
@@ -124,25 +144,25 @@ def test_a_plugin_outside_the_repository_trains_resumes_reports_and_exports(tmp_
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["plugins"] == [str(plugin_file.resolve())]
 
     # Each command below is a fresh process that knows the plugin only from the run's recorded config.
-    report = cli("-m", "src.report", str(run_dir), "--out", str(tmp_path / "report"))
+    report = command("report", str(run_dir), "--out", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr
     rows = json.loads((tmp_path / "report" / "report.json").read_text())["layers"]
     [conv] = [row for row in rows if row["name"] == "0"]
-    from src.report import model_from_checkpoint
+    from codeq.app.report import model_from_checkpoint
 
     model, _, _ = model_from_checkpoint(run_dir / "last.pt")
     distinct = torch.unique(model[0].weight.detach()).numel()
     assert conv["quantized"] and conv["bits"] == math.ceil(math.log2(distinct))  # the generic read-out
 
-    exported = cli("-m", "src.export", str(run_dir / "last.pt"), str(tmp_path / "model.codeq"))
+    exported = command("export", str(run_dir / "last.pt"), str(tmp_path / "model.codeq"))
     assert exported.returncode == 0, exported.stderr
-    from src.export import model_from_export
+    from codeq.app.export import model_from_export
 
     plain = model_from_export(tmp_path / "model.codeq")
     inputs = torch.randn(5, 3, 8, 8)
     assert torch.equal(plain(inputs), model.eval()(inputs))
 
-    longer = run_training.main(["--config", str(config_path), "--resume", "auto", "--set", "epochs=3"])
+    longer = cli.main(["train", "--config", str(config_path), "--resume", "auto", "--set", "epochs=3"])
     assert longer == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in records] == [1, 2, 3]
@@ -151,7 +171,7 @@ def test_a_plugin_outside_the_repository_trains_resumes_reports_and_exports(tmp_
 def test_a_relative_plugin_path_is_recorded_absolute(tmp_path, plugin_file, monkeypatch, capsys):
     monkeypatch.chdir(plugin_file.parent)
     config_path = write_config(tmp_path, plugin_config(tmp_path, "my_parts.py"))
-    assert run_training.main(["--config", str(config_path), "--dry-run"]) == 0
+    assert cli.main(["train", "--config", str(config_path), "--dry-run"]) == 0
     assert f"plugins:    {plugin_file.resolve()}" in capsys.readouterr().out
 
 
@@ -164,7 +184,7 @@ def test_a_plugin_that_fails_to_import_is_one_config_error(tmp_path, capsys, sou
     plugin = tmp_path / "bad_plugin.py"
     plugin.write_text(source)
     config_path = write_config(tmp_path, quick_config(tmp_path, plugins=[str(plugin)]))
-    assert run_training.main(["--config", str(config_path)]) == 2
+    assert cli.main(["train", "--config", str(config_path)]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"config error: {config_path}: plugins.0: importing plugin {plugin} failed: "), line
     assert problem in line
@@ -173,6 +193,6 @@ def test_a_plugin_that_fails_to_import_is_one_config_error(tmp_path, capsys, sou
 
 def test_a_missing_plugin_file_is_named(tmp_path, capsys):
     config_path = write_config(tmp_path, quick_config(tmp_path, plugins=["nowhere/parts.py"]))
-    assert run_training.main(["--config", str(config_path)]) == 2
+    assert cli.main(["train", "--config", str(config_path)]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert f"plugins.0: plugin file {Path.cwd() / 'nowhere' / 'parts.py'} does not exist" in line

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from src.percentile import robust_absmax
-from src.quantizer import DeadZoneLDZCompander, UniformSymmetric
+from codeq.quantizers import DeadZoneLDZCompander, UniformSymmetric
+from codeq.quantizers.percentile import robust_absmax
 
 MIN_BITS = 2
 

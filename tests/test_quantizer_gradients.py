@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from src.percentile import robust_absmax
-from src.quantizer import DeadZoneLDZCompander
-from src.utils_quantization import attach_weight_quantizers, levels
+from codeq.attach import attach_weight_quantizers
+from codeq.quantizers import DeadZoneLDZCompander
+from codeq.quantizers.percentile import robust_absmax
+from codeq.quantizers.ste import levels
 
 
 def hand_gradients(quantizer: DeadZoneLDZCompander, weight: torch.Tensor, upstream: torch.Tensor):
@@ -102,7 +103,7 @@ class ForwardCounter:
 
 
 def test_validate_quantizes_each_weight_once_per_pass():
-    from src.train import validate
+    from codeq.training.loop import validate
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     attach_weight_quantizers(model, [], DeadZoneLDZCompander, {})

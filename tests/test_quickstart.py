@@ -3,14 +3,14 @@ import json
 
 import yaml
 
-import run_training
+from codeq.app import cli
 from conftest import ROOT, write_config
 
 
 def test_quickstart_reaches_accuracy_and_sparsity(tmp_path, capsys):
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     config["save_dir"] = str(tmp_path)
-    assert run_training.main(["--config", str(write_config(tmp_path, config))]) == 0
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
     final = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["epoch"] == 10

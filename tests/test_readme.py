@@ -1,6 +1,6 @@
 """The README stays true to the code: its first commands and its YAML reference."""
+from codeq.app.config import markdown_reference, readme_with_reference
 from conftest import ROOT
-from src.config import markdown_reference, readme_with_reference
 
 
 def test_readme_yaml_reference_is_generated_from_the_schema():
@@ -16,6 +16,7 @@ def test_readme_starts_with_the_two_commands():
     assert "\nquickstart:" in makefile and "\ntest:" in makefile
 
 
-def test_readme_shows_the_example_plugin_the_tests_run():
+def test_readme_shows_the_examples_the_tests_run():
     readme = (ROOT / "README.md").read_text()
-    assert "```python\n" + (ROOT / "examples" / "my_parts.py").read_text() + "```" in readme
+    for example in ("my_parts.py", "own_loop.py"):
+        assert "```python\n" + (ROOT / "examples" / example).read_text() + "```" in readme, example

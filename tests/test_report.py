@@ -7,9 +7,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-import run_training
+from codeq.app import cli
 from conftest import quick_config, write_config
-from src.report import main
 
 SUMMARY_HEADER = "| Method | Weights | Pruning | Acc (%) | Rel. BOPs (%) |"
 
@@ -19,7 +18,7 @@ def train_once(tmp_path: Path, **overrides) -> tuple[Path, str]:
     config = quick_config(tmp_path, **overrides)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert run_training.main(["--config", str(write_config(tmp_path, config))]) == 0
+        assert cli.main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     return run_dir, stdout.getvalue()
 
@@ -71,12 +70,12 @@ def test_every_epoch_logs_mean_and_per_layer_compression(codeq_run):
 
 def test_report_command_recomputes_the_run_report_from_a_checkpoint(codeq_run, tmp_path, capsys):
     run_dir, _ = codeq_run
-    assert main([str(run_dir / "last.pt"), "--out", str(tmp_path)]) == 0
+    assert cli.main(["report", str(run_dir / "last.pt"), "--out", str(tmp_path)]) == 0
     assert SUMMARY_HEADER in capsys.readouterr().out
     again, saved = (json.loads((folder / "report.json").read_text()) for folder in (tmp_path, run_dir))
     assert again == saved
     assert (tmp_path / "layers.png").stat().st_size > 10_000
-    assert main([str(run_dir / "best.pt")]) == 0
+    assert cli.main(["report", str(run_dir / "best.pt")]) == 0
     assert "| CoDeQ | 4-bit |" in capsys.readouterr().out
 
 
@@ -86,7 +85,7 @@ def test_baseline_report_and_side_by_side_comparison(codeq_run, baseline_run, ca
     assert json.loads((baseline_dir / "report.json").read_text())["rel_bops"] == pytest.approx(1.0)
     (codeq_run[0] / "report.json").rename(codeq_run[0] / "saved_report.json")  # compare recomputes without it
     try:
-        assert main(["--compare", str(codeq_run[0]), str(baseline_dir)]) == 0
+        assert cli.main(["report", "--compare", str(codeq_run[0]), str(baseline_dir)]) == 0
     finally:
         (codeq_run[0] / "saved_report.json").rename(codeq_run[0] / "report.json")
     rows = capsys.readouterr().out.strip().splitlines()
@@ -96,10 +95,10 @@ def test_baseline_report_and_side_by_side_comparison(codeq_run, baseline_run, ca
 
 
 def test_report_command_rejects_bad_paths_in_one_line(tmp_path, capsys):
-    assert main([str(tmp_path / "missing.pt")]) == 2
+    assert cli.main(["report", str(tmp_path / "missing.pt")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("report error:") and "missing.pt" in error and "\n" not in error
-    assert main(["--compare", str(tmp_path / "nowhere")]) == 2
+    assert cli.main(["report", "--compare", str(tmp_path / "nowhere")]) == 2
     assert "not a run directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main([])
+    assert cli.main(["report"]) == 2
+    assert capsys.readouterr().err == "report error: pass either a checkpoint PATH or --compare RUN_DIR...\n"

@@ -7,12 +7,12 @@ import pytest
 import torch
 import yaml
 
-import run_training
+from codeq.app import cli
+from codeq.app.config import config_to_dict, validate_config
+from codeq.app.experiment import build_model
+from codeq.app.report import build_report, render_markdown
+from codeq.compression import CompressionMonitor
 from conftest import quick_config, write_config
-from src.compression import CompressionMonitor
-from src.config import config_to_dict, validate_config
-from src.experiment import build_model
-from src.report import build_report, render_markdown
 
 REFERENCE_KEYS = {"default_activation_bitrate": 8, "default_weight_bitrate": 8, "eval_bobs": True}
 
@@ -39,9 +39,9 @@ def test_every_report_states_its_settings_and_8_bit_activations_quarter_rel_bops
 
 def test_the_reference_implementations_keys_run_unchanged_with_a_notice(tmp_path, capsys, caplog):
     config = quick_config(tmp_path, **REFERENCE_KEYS)
-    with caplog.at_level(logging.INFO, logger="src.config"):
-        assert run_training.main(["--config", str(write_config(tmp_path, config)), "--dry-run"]) == 0
-    notices = [record.getMessage() for record in caplog.records if record.name == "src.config"]
+    with caplog.at_level(logging.INFO, logger="codeq.app.config"):
+        assert cli.main(["train", "--config", str(write_config(tmp_path, config)), "--dry-run"]) == 0
+    notices = [record.getMessage() for record in caplog.records if record.name == "codeq.app.config"]
     assert notices == [
         "config: default_activation_bitrate (the reference implementation's key) is read as report.activation_bits: 8",
         "config: default_weight_bitrate (the reference implementation's key) is read as report.fp_weight_bits: 8",
@@ -55,7 +55,7 @@ def test_the_reference_implementations_keys_run_unchanged_with_a_notice(tmp_path
 def test_an_alias_that_contradicts_the_report_section_is_a_one_line_config_error(tmp_path, capsys):
     config = quick_config(tmp_path, default_activation_bitrate=8, report={"activation_bits": 4})
     path = write_config(tmp_path, config)
-    assert run_training.main(["--config", str(path), "--dry-run"]) == 2
+    assert cli.main(["train", "--config", str(path), "--dry-run"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"config error: {path}: default_activation_bitrate: says 8 but report.activation_bits says 4; keep one of "
         "the two")
@@ -64,7 +64,7 @@ def test_an_alias_that_contradicts_the_report_section_is_a_one_line_config_error
 
 def test_the_epoch_metrics_count_bops_with_the_report_settings(tmp_path):
     config = quick_config(tmp_path, model="mlp", report={"activation_bits": 8, "fp_weight_bits": 16})
-    assert run_training.main(["--config", str(write_config(tmp_path, config))]) == 0
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     run_dir = tmp_path / "runs" / "mlp_deadzone4b_e1_lr0.003"
     [record] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     report = json.loads((run_dir / "report.json").read_text())

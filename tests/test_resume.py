@@ -19,10 +19,11 @@ import torch
 import yaml
 from test_data import PER_BATCH, write_cifar
 
-import run_training
+from codeq.app import cli
+from codeq.app.checkpoint import REQUIRED_KEYS, restore_rng, rng_state
+from codeq.app.tracking import rewind_metrics
+from codeq.errors import EXIT_PREEMPTED
 from conftest import ROOT, quick_config, write_config
-from src.checkpoint import REQUIRED_KEYS, restore_rng, rng_state
-from src.tracking import rewind_metrics
 
 BATCH = 4
 STEPS_PER_EPOCH = -(-5 * PER_BATCH // BATCH)
@@ -107,7 +108,7 @@ def test_sigusr1_checkpoints_mid_epoch_exits_3_and_resumes_exactly(tmp_path, dat
     config_path = interruptible_config(tmp_path, data_dir)
     code, _, err = launch(config_path, trip="USR1", at=STEPS_PER_EPOCH + 3)
 
-    assert code == run_training.EXIT_PREEMPTED == 3
+    assert code == EXIT_PREEMPTED == 3
     assert "SIGUSR1: checkpoint written at epoch 2 step 3" in err
     run_dir = tmp_path / "runs" / RUN_NAME
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
@@ -171,12 +172,12 @@ def test_rewind_metrics_drops_epochs_after_the_checkpoint(tmp_path):
 
 def test_a_run_directory_with_a_checkpoint_is_never_overwritten(tmp_path, capsys):
     config_path = write_config(tmp_path, quick_config(tmp_path, model="mlp"))
-    assert run_training.main(["--config", str(config_path)]) == 0
+    assert cli.main(["train", "--config", str(config_path)]) == 0
     run_dir = tmp_path / "runs" / "mlp_deadzone4b_e1_lr0.003"
     before = {name: (run_dir / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
     capsys.readouterr()
 
-    assert run_training.main(["--config", str(config_path)]) == 2
+    assert cli.main(["train", "--config", str(config_path)]) == 2
 
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith(f"config error: {config_path}: save_dir: {run_dir} already holds a checkpoint")
@@ -184,19 +185,19 @@ def test_a_run_directory_with_a_checkpoint_is_never_overwritten(tmp_path, capsys
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
     # a finished run resumed with run-time keys changed has nothing left to do
-    assert run_training.main(["--config", str(config_path), "--resume", "auto", "--set", "workers=1",
+    assert cli.main(["train", "--config", str(config_path), "--resume", "auto", "--set", "workers=1",
                               "--set", "log_interval=7"]) == 0
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
     # other keys may not change under a resume: all differing keys are listed
-    assert run_training.main(["--config", str(config_path), "--resume", "auto", "--set", "seed=1",
+    assert cli.main(["train", "--config", str(config_path), "--resume", "auto", "--set", "seed=1",
                               "--set", "optimizer.param_groups.dz.lr=0.1"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith(f"config error: {config_path}: optimizer.param_groups.dz.lr, seed: differs from the "
                            f"config of checkpoint {run_dir / 'last.pt'}")
 
     # more epochs is a run-time change: --resume PATH continues in the checkpoint's directory
-    assert run_training.main(["--config", str(config_path), "--resume", str(run_dir / "last.pt"),
+    assert cli.main(["train", "--config", str(config_path), "--resume", str(run_dir / "last.pt"),
                               "--set", "epochs=2"]) == 0
     assert [json.loads(line)["epoch"] for line in metrics_text(run_dir).splitlines()] == [1, 2]
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 2

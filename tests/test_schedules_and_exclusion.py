@@ -7,20 +7,20 @@ import re
 import pytest
 import torch
 
-import run_training
+from codeq.app import cli
+from codeq.app.config import load_config
+from codeq.app.experiment import optimizer_for, scheduler_for
+from codeq.attach import attach_weight_quantizers
+from codeq.models import create_model
+from codeq.quantizers import DeadZoneLDZCompander
 from conftest import quick_config, write_config
-from src.config import load_config
-from src.experiment import optimizer_for, scheduler_for
-from src.models import create_model
-from src.quantizer import DeadZoneLDZCompander
-from src.utils_quantization import attach_weight_quantizers
 
 
 def test_a_run_logs_warm_up_then_step_learning_rates_per_epoch(tmp_path):
     config = quick_config(tmp_path, model="mlp", img_size=8, epochs=6, batch_size=720, lr_scheduler={
         "type": "step", "step_size": 2, "gamma": 0.5, "warmup_epochs": 2, "warmup_start_factor": 0.1})
     config["optimizer"]["param_groups"]["base"]["lr"] = 0.01
-    assert run_training.main(["--config", str(write_config(tmp_path, config))]) == 0
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config))]) == 0
     [run_dir] = (tmp_path / "runs").iterdir()
     rates = [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # Warm-up from 0.1 x lr over 2 epochs, then lr halved every 2 epochs of the remaining 4.
@@ -70,13 +70,13 @@ def test_re_entries_match_the_whole_name_and_others_stay_substrings():
 def test_re_exclusion_through_a_config(tmp_path, capsys):
     config = quick_config(tmp_path, model="resnet18", img_size=32)
     config["quantizer"]["exclude_layers"] = FIRST_AND_LAST
-    assert run_training.main(["--config", str(write_config(tmp_path, config)), "--dry-run"]) == 0
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config)), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     [quantized] = [line for line in lines if line.startswith("quantized:")]
     [fp32] = [line for line in lines if line.startswith("FP32:")]
     assert quantized.startswith("quantized:  22 layers: layer1.0.conv1, layer1.0.conv2, layer1.1.conv1,")
     assert fp32.startswith("FP32:       19 layers: conv1, bn1, layer1.0.bn1,") and fp32.endswith(", fc")
     config["quantizer"]["exclude_layers"] = ["re:(conv1"]
-    assert run_training.main(["--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
+    assert cli.main(["train", "--config", str(write_config(tmp_path, config)), "--dry-run"]) == 2
     assert "quantizer.exclude_layers: invalid regular expression (missing ), unterminated subpattern" in \
         capsys.readouterr().err

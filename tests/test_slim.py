@@ -1,12 +1,12 @@
 """Slimming: known null channels go exactly where they can (across residual additions too) and stay where not."""
 import torch
 
-from src.compression import count_macs, structured_macs
-from src.models import create_model
-from src.onnx_export import export_onnx, run_session, session
-from src.quantizer import DeadZoneLDZCompander
-from src.slim import KEEP_LIVE, KEEP_PADDED, slim_model
-from src.utils_quantization import attach_weight_quantizers, latent_weight
+from codeq.attach import attach_weight_quantizers, latent_weight
+from codeq.compression import count_macs, structured_macs
+from codeq.export.onnx import export_onnx, run_session, session
+from codeq.export.slim import KEEP_LIVE, KEEP_PADDED, slim_model
+from codeq.models import create_model
+from codeq.quantizers import DeadZoneLDZCompander
 
 EXAMPLE = torch.zeros(3, 16, 16)
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from slurm_jobs import Job, cluster_fixture, completed, metrics, preemptible_config, two_node_problem
 
-from src.checkpoint import load_checkpoint, load_model_state
-from src.config import load_config
-from src.experiment import build_model
+from codeq.app.checkpoint import load_checkpoint, load_model_state
+from codeq.app.config import load_config
+from codeq.app.experiment import build_model
 
 SLURM_PROBLEM = two_node_problem()
 # 1 CPU a node: OMP_NUM_THREADS=1 in every process, as in the one-node run with 2 CPUs for 2 processes.

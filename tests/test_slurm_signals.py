@@ -7,7 +7,7 @@ import subprocess
 import torch
 from slurm_jobs import Job, cluster_fixture, slurm_problem
 
-import run_training
+from codeq.app import cli
 from conftest import quick_config, write_config
 
 SLURM_PROBLEM = slurm_problem()
@@ -34,7 +34,7 @@ def assert_resumable_mid_epoch(tmp_path, job: Job) -> None:
     checkpoint = torch.load(tmp_path / "runs" / RUN / "last.pt", weights_only=True)
     assert checkpoint["epoch_step"] > 0 or checkpoint["epoch"] > 0
     config = long_config(tmp_path)
-    assert run_training.main(["--config", str(config), "--resume", "auto", "--dry-run"]) == 0
+    assert cli.main(["train", "--config", str(config), "--resume", "auto", "--dry-run"]) == 0
 
 
 def test_scancel_without_signal_with_loader_workers_leaves_a_loadable_checkpoint(tmp_path):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from src.quantizer import DeadZoneLDZCompander
-from src.structured_loss import LOSS_REGISTRY, group_lasso
-from src.utils_quantization import attach_weight_quantizers
+from codeq.attach import attach_weight_quantizers
+from codeq.quantizers import DeadZoneLDZCompander
+from codeq.regularizers import LOSS_REGISTRY, bit_l2, dz_l2, group_lasso
 
 
 def test_linear_column_norms():
@@ -60,4 +60,4 @@ def test_acts_on_latent_weights_when_quantized():
 
 
 def test_registry():
-    assert LOSS_REGISTRY == {"group_lasso": group_lasso}
+    assert LOSS_REGISTRY == {"group_lasso": group_lasso, "dz_l2": dz_l2, "bit_l2": bit_l2}

@@ -2,9 +2,10 @@
 import pytest
 import yaml
 
+from codeq.app import cli
+from codeq.app.config import ConfigError, load_config
+from codeq.app.sweep import expand
 from conftest import quick_config, write_config
-from src.config import ConfigError, load_config
-from src.sweep import expand, main
 
 
 def write_sweep(tmp_path, **content):
@@ -35,14 +36,14 @@ def test_grid_times_configs_gives_one_task_per_combination_with_distinct_run_nam
 def test_task_arguments_round_trip_through_the_cli(tmp_path, capsys):
     config = write_config(tmp_path, quick_config(tmp_path))
     sweep = write_sweep(tmp_path, configs=[str(config)], grid={"quantizer.kwargs.fixed_bit_val": [2, 3, 4]})
-    assert main([str(sweep)]) == 0
+    assert cli.main(["sweep", str(sweep)]) == 0
     assert capsys.readouterr().out == "3\n"
-    assert main([str(sweep), "--task", "2"]) == 0
+    assert cli.main(["sweep", str(sweep), "--task", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == ["--config", str(config)]
     assert lines[2:] == ["--set", "quantizer.kwargs.fixed_bit_val=4", "--set",
                          "run_name=sweep_02_resnet20_deadzone4b_e1_lr0.003_fixed_bit_val=4"]
-    assert main([str(sweep), "--task", "3"]) == 2
+    assert cli.main(["sweep", str(sweep), "--task", "3"]) == 2
     assert "task 3 does not exist; it has tasks 0..2" in capsys.readouterr().err
 
 
@@ -64,6 +65,6 @@ def test_bad_sweep_files_fail_before_submission_with_one_line(tmp_path, capsys, 
     with pytest.raises(ConfigError) as error:
         expand(sweep)
     assert message in error.value.line()
-    assert main([str(sweep)]) == 2
+    assert cli.main(["sweep", str(sweep)]) == 2
     output = capsys.readouterr()
     assert output.out == "" and len(output.err.strip().splitlines()) == 1 and message in output.err

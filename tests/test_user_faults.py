@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-import run_training
+from codeq.app import cli
+from codeq.app.report import layer_label
+from codeq.app.trainer import warn_if_collapsed
 from conftest import ROOT, quick_config, write_config
-from src.report import layer_label
-from src.trainer import warn_if_collapsed
 
 
 def main(capsys, *argv):
-    code = run_training.main(list(argv))
+    code = cli.main(["train", *argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err.strip().splitlines()
 
@@ -37,12 +37,11 @@ def test_a_key_given_twice_is_named_with_both_lines(tmp_path, capsys, key, edit)
 
 
 def test_a_duplicated_grid_key_in_a_sweep_is_an_error(tmp_path, capsys):
-    from src.sweep import main as sweep
 
     config = write_config(tmp_path, quick_config(tmp_path))
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(f"configs: [{config}]\ngrid:\n  seed: [1]\n  seed: [2]\n")
-    assert sweep([str(sweep_file)]) == 2
+    assert cli.main(["sweep", str(sweep_file)]) == 2
     assert "seed: given twice, on lines 3 and 4" in capsys.readouterr().err
 
 
@@ -121,12 +120,11 @@ def test_the_readmes_set_examples_work_on_the_config_they_are_shown_with(capsys)
 
 
 def test_compare_given_a_save_dir_names_its_runs(tmp_path, capsys):
-    from src.report import main as report
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "last.pt").write_bytes(b"")
-    assert report(["--compare", str(tmp_path)]) == 2
+    assert cli.main(["report", "--compare", str(tmp_path)]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line == (f"report error: {tmp_path} is a save_dir holding 2 runs, not a run directory; pass the runs "
                     f"themselves: --compare {tmp_path / 'a'} {tmp_path / 'b'}")
@@ -163,7 +161,7 @@ def test_layers_of_sequential_models_are_labelled_by_kind():
 def test_the_layer_plot_draws_fp32_layers_on_a_0_to_32_bit_axis(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from src.report import plot_layers
+    from codeq.app.report import plot_layers
 
     figures = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *a, **k: figures.append(figure))
@@ -181,7 +179,7 @@ def test_the_layer_plot_draws_fp32_layers_on_a_0_to_32_bit_axis(tmp_path, monkey
 def test_metrics_name_each_loss_term(tmp_path):
     term = {"name": "group_lasso", "lambda": 1.0, "kwargs": {"lambda_linear": 1e-3, "lambda_conv": 1e-3}}
     path = write_config(tmp_path, quick_config(tmp_path, model="mlp", loss_terms=[term]))
-    assert run_training.main(["--config", str(path)]) == 0
+    assert cli.main(["train", "--config", str(path)]) == 0
     [record] = [json.loads(line) for line in
                 (tmp_path / "runs" / "mlp_deadzone4b_e1_lr0.003" / "metrics.jsonl").read_text().splitlines()]
     assert record["loss"] == pytest.approx(record["task_loss"] + record["loss_group_lasso"], rel=1e-6)

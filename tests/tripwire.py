@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 calls = 0
 
@@ -36,13 +35,13 @@ def tripwire(model: nn.Module) -> Tensor:
 
 
 def register() -> None:
-    from src.structured_loss import LOSS_REGISTRY
+    from codeq.regularizers import LOSS_REGISTRY
 
     LOSS_REGISTRY["tripwire"] = tripwire
 
 
 if __name__ == "__main__":
-    import run_training
+    from codeq.app import cli
 
     register()
-    sys.exit(run_training.main(sys.argv[1:]))
+    sys.exit(cli.main(["train", *sys.argv[1:]]))

@@ -1,0 +1,463 @@
+"""Compression read-outs of a model: per-layer bit-width, dead zone, step, sparsity, MACs, BOPs and size.
+
+Every definition (which layers count, BOPs, the structured column, size accounting) is written out
+in docs/compression.md; this module is its implementation.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from codeq.attach import latent_weight, quantized_layers, quantizer_of
+from codeq.convert import compressed_weight, inference_state, plain_copy
+from codeq.quantizers.base import layer_readout
+
+MAC_LAYERS = (nn.Conv2d, nn.Linear)
+FP32_BITS = 32
+# Activations are not quantized: by default every MAC multiplies by a 32-bit activation (paper, Eqs. 20-22).
+ACTIVATION_BITS = 32
+# Per quantized layer the step s and the offset delta, as float32.
+SCALE_BYTES = 8
+# A probe channel counts as constant when its spread across samples is below this share of the
+# tensor's largest magnitude; float64 rounding stays many orders below it, live channels far above.
+CONSTANT_TOLERANCE = 1e-9
+PROBE_SAMPLES = 3
+
+
+@dataclass(frozen=True)
+class BopsSettings:
+    """The bit-widths BOPs count: activations, and the weights of layers left in FP32 (config section ``report``).
+    The dense reference of Rel. BOPs stays 32-bit weights times 32-bit activations."""
+
+    activation_bits: int = ACTIVATION_BITS
+    fp_weight_bits: int = FP32_BITS
+
+    @classmethod
+    def of(cls, config: dict) -> BopsSettings:
+        """The settings of a resolved config dict (defaults where it has no ``report`` section: older runs)."""
+        return cls(**(config.get("report") or {}))
+
+
+# What the paper counts: 32-bit activations, FP32 layers at 32 bits.
+W32A32 = BopsSettings()
+
+
+@dataclass
+class LayerStats:
+    """One counted layer. ``bits`` is 32 and ``deadzone``/``step`` are None for layers left in FP32, whose BOPs
+    count ``fp_weight_bits`` instead; every layer's BOPs count ``activation_bits`` per activation."""
+
+    name: str
+    kind: str
+    quantized: bool
+    bits: float
+    deadzone: float | None
+    step: float | None
+    numel: int
+    nonzero: int
+    macs: int = 0
+    structured_macs: int | None = None
+    activation_bits: int = ACTIVATION_BITS
+    fp_weight_bits: int = FP32_BITS
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    @property
+    def density(self) -> float:
+        return self.nonzero / max(self.numel, 1)
+
+    @property
+    def counted_bits(self) -> float:
+        """The weight bit-width BOPs count: the learned one, or ``fp_weight_bits`` for a layer left in FP32."""
+        return self.bits if self.quantized else self.fp_weight_bits
+
+    @property
+    def bops(self) -> float:
+        return self.density * self.macs * self.counted_bits * self.activation_bits
+
+    @property
+    def dense_bops(self) -> int:
+        return self.macs * FP32_BITS * ACTIVATION_BITS
+
+    @property
+    def structured_bops(self) -> float | None:
+        if self.structured_macs is None:
+            return None
+        return self.structured_macs * self.counted_bits * self.activation_bits
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The module's class name, without the wrapper class that parametrization injects."""
+    cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    return cls.__name__
+
+
+def counted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every quantized module and every Conv2d/Linear, in module order."""
+    return [(name, module) for name, module in model.named_modules()
+            if quantizer_of(module) is not None or isinstance(module, MAC_LAYERS)]
+
+
+@torch.no_grad()
+def layer_stats(model: nn.Module, macs: dict[str, int] | None = None, structured_macs: dict[str, int] | None = None,
+                settings: BopsSettings = W32A32) -> list[LayerStats]:
+    """One entry per counted module, measured on its current compressed weight; BOPs counted with ``settings``."""
+    macs, structured_macs = macs or {}, structured_macs or {}
+    stats = []
+    for name, module in counted_modules(model):
+        quantizer = quantizer_of(module)
+        weight = compressed_weight(module)
+        if quantizer is not None:
+            readout = layer_readout(quantizer, latent_weight(module), weight)
+            bits, deadzone, step = readout["bits"], readout["deadzone"], readout["step"]
+        else:
+            bits, deadzone, step = float(FP32_BITS), None, None
+        stats.append(LayerStats(name, layer_kind(module), quantizer is not None, bits, deadzone, step,
+                                weight.numel(), int(torch.count_nonzero(weight)), macs.get(name, 0),
+                                structured_macs.get(name), settings.activation_bits, settings.fp_weight_bits))
+    return stats
+
+
+def summary(stats: list[LayerStats]) -> dict[str, float]:
+    """Sparsity and bit-width over the quantized layers; Rel. BOPs over every MAC layer once MACs are known."""
+    result: dict[str, float] = {}
+    quantized = [s for s in stats if s.quantized]
+    if quantized:
+        total = sum(s.numel for s in quantized)
+        result["sparsity"] = 1.0 - sum(s.nonzero for s in quantized) / total
+        result["mean_layer_sparsity"] = sum(s.sparsity for s in quantized) / len(quantized)
+        result["mean_bits"] = sum(s.bits for s in quantized) / len(quantized)
+    dense_bops = sum(s.dense_bops for s in stats)
+    if dense_bops:
+        result["rel_bops"] = sum(s.bops for s in stats) / dense_bops
+        if all(s.structured_bops is not None for s in stats if s.macs):
+            result["rel_bops_structured"] = sum(s.structured_bops or 0.0 for s in stats) / dense_bops
+    return result
+
+
+def as_rows(stats: list[LayerStats]) -> list[dict]:
+    return [{**asdict(s), "sparsity": s.sparsity, "bops": s.bops, "dense_bops": s.dense_bops,
+             "structured_bops": s.structured_bops} for s in stats]
+
+
+def single_sample(example: Tensor) -> Tensor:
+    """``example`` as a batch of one: accepts one item ``[C, H, W]`` or a batch whose first item is used."""
+    return example[:1] if example.dim() == 4 else example.unsqueeze(0)
+
+
+def dense_macs(module: nn.Module, inputs: Tensor, output: Tensor) -> int:
+    """Multiply-accumulates of one call on a batch of one, with every weight non-zero."""
+    if isinstance(module, nn.Conv2d):
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        return module.in_channels // module.groups * module.out_channels * kernel * output.shape[-2] * output.shape[-1]
+    positions = inputs.numel() // module.in_features
+    return module.in_features * module.out_features * positions
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: Tensor) -> dict[str, int]:
+    """Dense MACs per Conv2d/Linear for one input sample, measured with forward hooks.
+
+    The model runs once in eval mode (no BatchNorm statistics change) and returns to its mode after.
+    """
+    macs: dict[str, int] = {}
+
+    def recorder(name: str):
+        def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            macs[name] = macs.get(name, 0) + dense_macs(module, inputs[0], output)
+        return record
+
+    handles = [module.register_forward_hook(recorder(name))
+               for name, module in model.named_modules() if isinstance(module, MAC_LAYERS)]
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        model(single_sample(example).to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return macs
+
+
+def structural_probe(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A float64 CPU copy of ``model`` with its compressed zero pattern and positive random values elsewhere.
+
+    Zeros of every parameter stay zero; every other entry becomes a positive random value, each row of
+    a weight (dim >= 2) normalised by its number of non-zeros so magnitudes neither explode nor vanish.
+    BatchNorm statistics become mean 0, variance 1. With positive values nothing cancels and no ReLU
+    shuts, so a channel is constant across inputs only when the zero pattern makes it so.
+    """
+    state = inference_state(model)
+    probe = plain_copy(model)
+    probe.load_state_dict(state)
+    probe = probe.to("cpu", torch.float64).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in probe.parameters():
+            values = (torch.rand(parameter.shape, generator=generator, dtype=torch.float64) + 0.5) * (parameter != 0)
+            if parameter.dim() >= 2:
+                live = values.flatten(1).count_nonzero(1).clamp_min(1)
+                values /= live.view(-1, *[1] * (parameter.dim() - 1))
+            parameter.copy_(values)
+        for module in probe.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+    return probe
+
+
+def channel_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.Conv2d) else -1
+
+
+@torch.no_grad()
+def null_input_channels(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
+    """For every Conv2d/Linear that runs: a bool mask of its input channels that do not depend on the input.
+
+    Measured on ``structural_probe(model)`` with a few random positive inputs of ``example``'s shape:
+    a channel is null when it takes the same value for every sample at every position.
+    """
+    probe = structural_probe(model)
+    captured: dict[str, Tensor] = {}
+
+    def recorder(name: str, module: nn.Module):
+        def record(_: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            values = inputs[0].movedim(channel_dim(module), -1)
+            spread = (values.amax(0) - values.amin(0)).reshape(-1, values.shape[-1]).amax(0)
+            constant = spread <= CONSTANT_TOLERANCE * values.abs().max()
+            # A layer called more than once has a null channel only when every call agrees.
+            captured[name] = captured[name] & constant if name in captured else constant
+        return record
+
+    handles = [module.register_forward_pre_hook(recorder(name, module))
+               for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
+    try:
+        probe(probe_batch(example))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def probe_batch(example: Tensor) -> Tensor:
+    """PROBE_SAMPLES seeded random positive float64 inputs of ``example``'s item shape."""
+    generator = torch.Generator().manual_seed(1)
+    sample = single_sample(example)
+    return torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
+
+
+def probe_cotangent(output: Tensor) -> Tensor:
+    """The seeded random positive gradient the probe's output is given, so that no gradient cancels."""
+    return torch.rand(output.shape, generator=torch.Generator().manual_seed(2), dtype=output.dtype) + 0.5
+
+
+def dead_channel_mask(tensor: Tensor, dim: int) -> Tensor:
+    """Channels (along ``dim``) of a probe tensor whose gradient is zero for every sample at every position: the
+    output does not depend on them (all of them when no gradient reached the tensor)."""
+    grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+    values = grad.movedim(dim, -1).reshape(-1, grad.shape[dim])
+    return values.abs().amax(0) <= CONSTANT_TOLERANCE * grad.abs().max()
+
+
+def dead_channels(model: nn.Module, example: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """For every Conv2d/Linear that runs: bool masks of its (input, output) channels that the output does not
+    depend on, because every weight that reads them is zero (a column of zeros, e.g. from group lasso).
+
+    Measured on ``structural_probe(model)``: its output, given a positive random gradient, is differentiated
+    back; with positive values nothing cancels and no ReLU shuts, so a channel's gradient is zero only when the
+    zero pattern makes it so.
+    """
+    probe = structural_probe(model)
+    captured: dict[str, list[tuple[Tensor, Tensor]]] = {}
+
+    def recorder(name: str):
+        def record(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            for tensor in (inputs[0], output):
+                if tensor.requires_grad:
+                    tensor.retain_grad()
+            captured.setdefault(name, []).append((inputs[0], output))
+        return record
+
+    handles = [module.register_forward_hook(recorder(name))
+               for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
+    inputs = probe_batch(example).requires_grad_()
+    try:
+        output = probe(inputs)
+        output.backward(probe_cotangent(output))
+    finally:
+        for handle in handles:
+            handle.remove()
+    dead_inputs, dead_outputs = {}, {}
+    for name, calls in captured.items():
+        dim = channel_dim(probe.get_submodule(name))
+        # A layer called more than once has a dead channel only when every call agrees.
+        dead_inputs[name] = functools.reduce(operator.and_, [dead_channel_mask(i, dim) for i, _ in calls])
+        dead_outputs[name] = functools.reduce(operator.and_, [dead_channel_mask(o, dim) for _, o in calls])
+    return dead_inputs, dead_outputs
+
+
+@torch.no_grad()
+def structured_macs(model: nn.Module, example: Tensor, macs: dict[str, int]) -> dict[str, int]:
+    """MACs per Conv2d/Linear left after removing whole null or dead output channels and null or dead input
+    channels."""
+    null_inputs = null_input_channels(model, example)
+    with torch.enable_grad():
+        dead_inputs, dead_outputs = dead_channels(model, example)
+    result = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, MAC_LAYERS):
+            continue
+        weight = compressed_weight(module)
+        groups = module.groups if isinstance(module, nn.Conv2d) else 1
+        out_channels, in_per_group = weight.shape[0], weight.shape[1]
+        no_inputs = torch.zeros(in_per_group * groups, dtype=torch.bool)
+        no_outputs = torch.zeros(out_channels, dtype=torch.bool)
+        live_rows = weight.flatten(1).ne(0).any(1).cpu() & ~dead_outputs.get(name, no_outputs)
+        live_out = live_rows.view(groups, -1).sum(1)
+        null_in = null_inputs.get(name, no_inputs).cpu() | dead_inputs.get(name, no_inputs)
+        live_in = (~null_in).view(groups, -1).sum(1)
+        # MACs of one (input channel, output channel) pair: kernel size times output positions.
+        pair_macs = macs.get(name, 0) // (in_per_group * out_channels)
+        result[name] = int((live_in * live_out).sum()) * pair_macs
+    return result
+
+
+@dataclass
+class ModelSize:
+    fp32_bytes: int
+    compressed_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.fp32_bytes / max(self.compressed_bytes, 1)
+
+
+def sparse_layout_is_smaller(numel: int, nonzero: int, bits: int) -> bool:
+    """Whether a bitmap plus the non-zero codes beats every code packed densely."""
+    return packed_code_bytes(numel, nonzero, bits, sparse=True) < packed_code_bytes(numel, nonzero, bits, sparse=False)
+
+
+def packed_code_bytes(numel: int, nonzero: int, bits: int, sparse: bool) -> int:
+    """Bytes of a layer's codes at ``bits`` each: dense (all ``numel``) or sparse (bitmap + ``nonzero`` codes)."""
+    if sparse:
+        return math.ceil(nonzero * bits / 8) + math.ceil(numel / 8)
+    return math.ceil(numel * bits / 8)
+
+
+def quantized_layer_bytes(numel: int, nonzero: int, bits: int) -> int:
+    """Stored size of one quantized weight: the smaller layout of its codes plus its step and offset."""
+    sparse = sparse_layout_is_smaller(numel, nonzero, bits)
+    return packed_code_bytes(numel, nonzero, bits, sparse) + SCALE_BYTES
+
+
+@torch.no_grad()
+def model_size(model: nn.Module) -> ModelSize:
+    """FP32 bytes of the deployable model against its compressed bytes (see docs/compression.md)."""
+    state = inference_state(model)
+    quantized = {f"{name}.weight" if name else "weight": module for name, module, _ in quantized_layers(model)}
+    fp32 = compressed = 0
+    for key, tensor in state.items():
+        fp32 += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+        if key in quantized:
+            module = quantized[key]
+            bits = round(layer_readout(quantizer_of(module), latent_weight(module), tensor)["bits"])
+            compressed += quantized_layer_bytes(tensor.numel(), int(torch.count_nonzero(tensor)), bits)
+        else:
+            compressed += tensor.numel() * tensor.element_size()
+    return ModelSize(fp32, compressed)
+
+
+class CompressionMonitor:
+    """Compression read-outs during a run: MACs are measured once, densities and bit-widths per call."""
+
+    def __init__(self, model: nn.Module, example: Tensor) -> None:
+        self.model = model
+        self.example = single_sample(example).detach().cpu()
+        self.macs = count_macs(model, self.example)
+
+    def stats(self, structured: bool = False, settings: BopsSettings = W32A32) -> list[LayerStats]:
+        extra = structured_macs(self.model, self.example, self.macs) if structured else None
+        return layer_stats(self.model, self.macs, extra, settings)
+
+    def epoch_metrics(self, settings: BopsSettings = W32A32) -> dict[str, float]:
+        """Flat metrics for one epoch's record: summary (BOPs counted with ``settings``) plus ``layer_bits/<name>``
+        and ``layer_sparsity/<name>``.
+
+        Empty for a model without quantizers: its compression does not change during training.
+        """
+        stats = self.stats(settings=settings)
+        quantized = [s for s in stats if s.quantized]
+        if not quantized:
+            return {}
+        return {**summary(stats),
+                **{f"layer_bits/{s.name}": s.bits for s in quantized},
+                **{f"layer_sparsity/{s.name}": s.sparsity for s in quantized}}
+
+
+def monitor_report(monitor: CompressionMonitor, settings: BopsSettings = W32A32) -> dict[str, Any]:
+    """``compression_report`` of the model ``monitor`` watches, MACs measured already."""
+    stats = monitor.stats(structured=True, settings=settings)
+    totals = summary(stats)
+    size = model_size(monitor.model)
+    return {
+        "sparsity": totals.get("sparsity", 0.0), "mean_layer_sparsity": totals.get("mean_layer_sparsity", 0.0),
+        "mean_bits": totals.get("mean_bits", float(FP32_BITS)),
+        "rel_bops": totals.get("rel_bops"), "rel_bops_structured": totals.get("rel_bops_structured"),
+        "activation_bits": settings.activation_bits, "fp_weight_bits": settings.fp_weight_bits,
+        "macs": sum(s.macs for s in stats), "bops": sum(s.bops for s in stats),
+        "dense_bops": sum(s.dense_bops for s in stats), "structured_bops": sum(s.structured_bops or 0 for s in stats),
+        "size_bytes": size.compressed_bytes, "fp32_bytes": size.fp32_bytes, "size_ratio": size.ratio,
+        "layers": as_rows(stats),
+    }
+
+
+def compression_report(model: nn.Module, example_input: Tensor, activation_bits: int = ACTIVATION_BITS,
+                       fp_weight_bits: int = FP32_BITS) -> dict[str, Any]:
+    """How compressed ``model`` is now: sparsity, bit-widths, Rel. BOPs and size, overall and per layer.
+
+    Definitions (docs/compression.md): BOPs of a Conv2d/Linear are density x MACs x weight bits x activation bits
+    (Wenshøj et al., arXiv 2512.12981, Eqs. 20-22), MACs measured for one input sample; Rel. BOPs divides their sum
+    by the dense model's at 32-bit weights and 32-bit activations. The model runs once, in eval mode, on
+    ``example_input`` (its values do not matter, its shape does), and returns to its mode.
+
+    Args:
+        model: a model after ``prepare`` (or a plain one: 32 bits everywhere, no sparsity counted).
+        example_input: one input ``[C, H, W]`` or a batch ``[N, C, H, W]`` (float), on any device.
+        activation_bits: the activation bit-width BOPs count (1..32; 32: activations not quantized).
+        fp_weight_bits: the weight bit-width BOPs count for layers left in FP32 (1..32).
+
+    Returns:
+        A dict: ``sparsity`` (float in [0, 1], the share of quantized weights that are exactly zero),
+        ``mean_layer_sparsity``, ``mean_bits`` (mean bit-width over quantized layers), ``rel_bops`` (a fraction,
+        None for a model without Conv2d/Linear), ``rel_bops_structured`` (counting whole null channels only),
+        ``macs``, ``bops``, ``dense_bops``, ``size_bytes`` (compressed: packed codes, sparse index, scales, other
+        tensors as stored), ``fp32_bytes``, ``size_ratio``, and ``layers``: one dict per counted layer (``name``,
+        ``kind``, ``quantized``, ``bits``, ``deadzone``, ``step``, ``numel``, ``nonzero``, ``sparsity``, ``macs``,
+        ``bops``, ...).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` not a tensor.
+        ValueError: a bit-width setting outside 1..32.
+
+    Examples:
+        >>> report = codeq.compression_report(model, torch.zeros(3, 32, 32))
+        >>> print(f"{report['sparsity']:.1%} zeros, Rel. BOPs {report['rel_bops']:.2%}")
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compression_report(model=...) takes an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"compression_report(example_input=...) takes a tensor, got {type(example_input).__name__}")
+    for name, value in (("activation_bits", activation_bits), ("fp_weight_bits", fp_weight_bits)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= FP32_BITS:
+            raise ValueError(f"compression_report({name}={value!r}): a bit-width is an integer in 1..{FP32_BITS}")
+    return monitor_report(CompressionMonitor(model, example_input), BopsSettings(activation_bits, fp_weight_bits))

@@ -1,0 +1,51 @@
+"""Files written whole or not at all: the one atomic writer every file of the project goes through."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], object]) -> None:
+    """Write ``content`` to ``path`` so that ``path`` holds either its old content or all of the new.
+
+    The data goes to a temporary file beside ``path``, is flushed and fsynced, and is renamed over ``path``. On any
+    failure (a full disk, a quota, a folder made read-only, an exception in ``content``) the temporary file is
+    removed, ``path`` is left as it was and the error is raised again. Permissions follow the umask, as for any
+    file the user writes (``mkstemp`` alone would make it private, 0600). Missing parent folders are created.
+
+    Args:
+        path: the file to write.
+        content: bytes, text (written as UTF-8), or a function that writes into the binary file object it is
+            given (``lambda file: torch.save(state, file)``).
+
+    Raises:
+        OSError: the file cannot be written; ``path`` is unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(handle, 0o666 & ~current_umask())
+        with os.fdopen(handle, "wb") as file:
+            if isinstance(content, str):
+                file.write(content.encode())
+            elif isinstance(content, bytes):
+                file.write(content)
+            else:
+                content(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

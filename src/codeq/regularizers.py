@@ -1,0 +1,99 @@
+"""Regularisers added to the task loss, and their registry. Each is ``fn(model, **kwargs) -> Tensor`` (a 0-dim
+tensor on the model's device); a config's ``loss_terms`` entry, or a ``LossTerm``, adds
+``lambda * fn(model, **kwargs)``.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from codeq.attach import latent_weight
+from codeq.errors import RegistrationError
+from codeq.registry import Registry
+
+
+class LossTerm(NamedTuple):
+    """One regulariser as ``train`` takes it: the loss adds ``weight * fn(model, **kwargs)``. A plain
+    ``(fn, weight, kwargs)`` tuple (the seed's triple) is the same thing."""
+
+    fn: Callable[..., Tensor]
+    weight: float
+    kwargs: dict[str, Any]
+
+
+def check_loss(name: str, fn: Any) -> None:
+    parameters = list(inspect.signature(fn).parameters.values()) if callable(fn) else []
+    if not parameters or parameters[0].kind not in (parameters[0].POSITIONAL_ONLY, parameters[0].POSITIONAL_OR_KEYWORD):
+        raise RegistrationError("loss term", name, "does not take the model as its first argument",
+                                "a loss term is fn(model, **kwargs) -> Tensor")
+
+
+LOSS_REGISTRY: Registry[Callable[..., Tensor]] = Registry("loss term", check=check_loss)
+
+
+def column_norm_sum(weight: Tensor) -> Tensor:
+    """Sum over input columns of each column's L2 norm, for a weight shaped [out, in, ...].
+
+    The gradient of a norm at exactly zero is taken as zero (PyTorch's subgradient choice),
+    so a fully pruned column does not produce NaNs.
+    """
+    matrix = weight.reshape(weight.shape[0], -1)
+    return torch.linalg.vector_norm(matrix, ord=2, dim=0).sum()
+
+
+@LOSS_REGISTRY.register()
+def group_lasso(model: nn.Module, lambda_linear: float, lambda_conv: float) -> Tensor:
+    """Group lasso over input columns of every Linear and Conv2d, on the latent weights.
+
+    A Conv2d weight [out, in, kh, kw] is read as [out, in*kh*kw], one group per column.
+    """
+    total = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            strength = lambda_linear
+        elif isinstance(module, nn.Conv2d):
+            strength = lambda_conv
+        else:
+            continue
+        if strength == 0:
+            continue
+        term = strength * column_norm_sum(latent_weight(module))
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return total
+
+
+def quantizer_logits(model: nn.Module, name: str) -> list[Tensor]:
+    """Every quantizer's trainable parameter ``name`` (``logit_dz`` or ``logit_bit``), in module order."""
+    return [parameter for parameter_name, parameter in model.named_parameters()
+            if parameter_name.rsplit(".", 1)[-1] == name and parameter.requires_grad]
+
+
+def logit_l2(model: nn.Module, name: str) -> Tensor:
+    """Sum over the quantized layers of their ``name`` logit squared; 0 when no such logit trains."""
+    logits = quantizer_logits(model, name)
+    if not logits:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return torch.stack([logit.reshape(()) for logit in logits]).square().sum()
+
+
+@LOSS_REGISTRY.register()
+def dz_l2(model: nn.Module) -> Tensor:
+    """Σ_ℓ θ_dz,ℓ², the dead-zone pressure of CoDeQ's objective (arXiv 2512.12981, Eq. 16): with a config's
+    ``lambda`` it is the paper's λ_dz Σ θ_dz². Shrinking |θ_dz| widens each layer's dead zone d = 2R(1 - tanh|θ_dz|),
+    so a larger λ prunes more. A 0-dim tensor on the model's device; 0 without learnable dead zones."""
+    return logit_l2(model, "logit_dz")
+
+
+@LOSS_REGISTRY.register()
+def bit_l2(model: nn.Module) -> Tensor:
+    """Σ_ℓ θ_bit,ℓ², the bit-width pressure of CoDeQ's objective with learnable bit-widths (arXiv 2512.12981,
+    Eq. 19): with a config's ``lambda`` it is the paper's λ_bit Σ θ_bit². Shrinking |θ_bit| lowers each layer's
+    bit-width b = round(tanh|θ_bit|(b_max - 2) + 2). A 0-dim tensor on the model's device; 0 without learnable
+    bit-widths."""
+    return logit_l2(model, "logit_bit")

@@ -1,0 +1,40 @@
+"""The examples users copy from: each trains briefly through `codeq` alone; sparsity rises, and the converted model
+and the ONNX file compute what the quantized model computes."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import codeq
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def onnx_outputs(path: Path, inputs: torch.Tensor) -> torch.Tensor:
+    runner = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(runner.run(None, {runner.get_inputs()[0].name: inputs.numpy()})[0])
+
+
+def test_own_loop(tmp_path):
+    out = tmp_path / "own.onnx"
+    result = load_example("own_loop").main(epochs=3, out=str(out))
+    model, plain, images = result["model"], result["plain"], result["images"]
+    assert result["report"]["sparsity"] > result["before"]["sparsity"] + 0.2
+    assert result["accuracy"] > 0.8  # BatchNorm re-estimated with the quantized weights
+    assert not any("logit" in name for name, _ in plain.named_parameters())
+    model.eval()
+    with torch.no_grad():
+        expected = model(images[:64])
+        assert torch.equal(plain.eval()(images[:64]), expected)
+        assert np.allclose(onnx_outputs(out, images[:64]), expected, rtol=0, atol=1e-5 * expected.abs().max())
+    assert result["report"]["size_bytes"] < result["report"]["fp32_bytes"] / 8
+    assert codeq.compression_report(plain, images[0])["sparsity"] == 0.0  # no quantizers left to count
