@@ -2,7 +2,7 @@
 
     python tests/tripwire.py --config X [run_training.py args]
 
-The term adds exactly zero to the loss. On its CODEQ_TRIP_AT-th call (counted from 1 in this
+The term adds exactly zero to the loss (and to every gradient). On its CODEQ_TRIP_AT-th call (counted from 1 in this
 process) it acts on CODEQ_TRIP: ``USR1`` / ``TERM`` sends this process that signal (the step then
 completes, as with Slurm's signal); ``hang`` writes the file CODEQ_TRIP_MARKER and sleeps, so a
 test can SIGKILL the run at a known point in the middle of an epoch.
@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,8 @@ def tripwire(model: nn.Module) -> Tensor:
             time.sleep(600)
         else:
             os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
-    return torch.zeros(())
+    # Zero, but through a parameter: a constant term would be warned about as regularising nothing.
+    return 0.0 * next(model.parameters()).flatten()[0]
 
 
 def register() -> None:

@@ -74,6 +74,10 @@ class DataError(RunFailure):
         super().__init__(message)
 
 
+class LossTermError(RunFailure):
+    """A loss term returned what cannot be added to the loss (not a number or a one-element tensor)."""
+
+
 class Preempted(Exception):
     """A stop signal arrived; the checkpoint to resume from has been written at ``epoch`` (1-based, the one in
     progress) after ``step`` of its steps."""

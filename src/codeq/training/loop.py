@@ -13,12 +13,11 @@ from torch import Tensor, nn
 
 from codeq.attach import quantization_for
 from codeq.errors import NonFiniteLossError
-from codeq.regularizers import LossTerm
+from codeq.regularizers import LossTerm, check_loss_value
 from codeq.training.distributed import all_reduce_sum, is_main_process, sync_buffers
 from codeq.training.step_settings import StepSettings
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -148,7 +147,9 @@ def train(
     step_settings: StepSettings | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for one epoch; the loss is ``criterion(output, target) + sum(weight * fn(model, **kwargs))``
-    over the ``(fn, weight, kwargs)`` triples of ``loss_fns``.
+    over the ``(fn, weight, kwargs)`` triples of ``loss_fns``. Each term's value is checked at the first step
+    (``codeq.regularizers.check_loss_value``): anything but a number or a one-element tensor raises LossTermError,
+    and a constant (a number, a tensor no gradient connects to a parameter) is warned about once.
 
     Returns the sample-averaged total ``loss`` and training accuracy ``acc``; with loss terms also
     ``task_loss`` (the criterion's part) and ``loss_<fn name>`` (each weighted term). A ``state`` with
@@ -176,9 +177,15 @@ def train(
             loss = criterion(logits, targets)
         parts = {"task_loss": loss} if loss_fns else {}
         for index, (fn, weight, kwargs) in enumerate(loss_fns or ()):
-            term = weight * fn(model, **kwargs)
+            fn_name = getattr(fn, "__name__", type(fn).__name__)
+            value = fn(model, **kwargs)
+            if step == first_step:
+                check_loss_value(fn_name, value)
+            if not isinstance(value, Tensor):  # a number, warned about above
+                value = torch.tensor(float(value), device=device)
+            term = weight * value
             loss = loss + term
-            name = f"loss_{getattr(fn, '__name__', type(fn).__name__)}"
+            name = f"loss_{fn_name}"
             parts[name if name not in parts else f"{name}_{index}"] = term
         optimizer.zero_grad(set_to_none=True)
         step_settings.backward_and_step(loss, optimizer)
