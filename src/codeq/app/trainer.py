@@ -146,9 +146,7 @@ def locate(setup: Setup, resume: str | None) -> Start:
         raise ConfigError("save_dir", f"cannot create {run_dir}: {blocked} is a file", "choose a save_dir that is a "
                           "directory, or one that does not exist yet")
     if resume is None:
-        if (run_dir / LAST_CHECKPOINT).is_file():
-            raise ConfigError("save_dir", f"{run_dir} already holds a checkpoint ({LAST_CHECKPOINT})",
-                              "pass --resume auto to continue that run, or choose a new save_dir (or run_name)")
+        refuse_if_checkpointed(run_dir)
         return Start(run_dir)
     if resume == "auto":
         if not (run_dir / LAST_CHECKPOINT).is_file() and setup.config.run_name is None:
@@ -172,6 +170,13 @@ def locate(setup: Setup, resume: str | None) -> Start:
                           f"checkpoint has done", f"set epochs to at least {checkpoint['epoch']}")
     checkpoint["config"] = {**checkpoint["config"], "epochs": setup.config.epochs}
     return Start(path.parent, checkpoint, path)
+
+
+def refuse_if_checkpointed(run_dir: Path) -> None:
+    """Raises ConfigError when ``run_dir`` holds a checkpoint: a fresh start never overwrites a run."""
+    if (run_dir / LAST_CHECKPOINT).is_file():
+        raise ConfigError("save_dir", f"{run_dir} already holds a checkpoint ({LAST_CHECKPOINT})",
+                          "pass --resume auto to continue that run, or choose a new save_dir (or run_name)")
 
 
 def describe(setup: Setup, start: Start) -> str:
@@ -284,6 +289,12 @@ class TrainingRun:
         if distributed.is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock = lock_run_directory(self.run_dir)
+            if checkpoint is None:  # another run may have finished here since locate() looked
+                try:
+                    refuse_if_checkpointed(self.run_dir)
+                except ConfigError:
+                    self.close()
+                    raise
         self.generator = torch.Generator().manual_seed(config.seed)
         if config.data_on_device:
             self.train_loader, self.val_loader = device_loaders(
