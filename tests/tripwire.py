@@ -10,7 +10,9 @@ process) it acts on CODEQ_TRIP:
 - ``hold``: prints ``tripwire: holding step N`` on stderr and holds the step until the run has seen a stop signal
   (the test sends it), then lets the step finish: the checkpoint is written after exactly that step;
 - ``hang``: prints the same line, writes the file CODEQ_TRIP_MARKER when set, and sleeps, so that a test can SIGKILL
-  the run, or press Ctrl-C twice, at a known point in the middle of a step.
+  the run, or press Ctrl-C twice, at a known point in the middle of a step;
+- ``fill``: fills the file system that holds the file CODEQ_TRIP_MARKER with that file, leaving CODEQ_TRIP_LEAVE
+  bytes (default 0) free: the disk runs full in the middle of the run.
 """
 import os
 import signal
@@ -32,6 +34,18 @@ def stop_seen() -> bool:
     return getattr(getattr(handler, "__self__", None), "signal_name", None) is not None
 
 
+def fill(ballast: Path, leave: int) -> None:
+    """Write ``ballast`` until its file system has ``leave`` bytes free (or none)."""
+    status = os.statvfs(ballast.parent)
+    size = max(status.f_bavail * status.f_frsize - leave, 0)
+    try:
+        with ballast.open("wb") as file:
+            for start in range(0, size, 1 << 16):
+                file.write(b"\0" * min(1 << 16, size - start))
+    except OSError:  # full a little early (file system overhead): that is what was asked for
+        pass
+
+
 def tripwire(model: nn.Module) -> Tensor:
     global calls
     calls += 1
@@ -45,6 +59,8 @@ def tripwire(model: nn.Module) -> Tensor:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"tripwire: no stop signal within {HOLD_LIMIT_S} s")
                 time.sleep(0.01)
+        elif action == "fill":
+            fill(Path(os.environ["CODEQ_TRIP_MARKER"]), int(os.environ.get("CODEQ_TRIP_LEAVE", 0)))
         elif action == "hang":
             if os.environ.get("CODEQ_TRIP_MARKER"):
                 Path(os.environ["CODEQ_TRIP_MARKER"]).write_text(str(calls))

@@ -20,7 +20,7 @@ from codeq.app.plugins import import_plugins
 from codeq.app.report import checkpoint_classes, example_input, model_from_checkpoint
 from codeq.compression import model_size
 from codeq.data import load_dataset
-from codeq.errors import ArgumentError, CheckpointError, ConfigError, ExportError, report_error
+from codeq.errors import ArgumentError, CheckpointError, ConfigError, ExportError, cannot_write, report_error
 from codeq.export.packed import decode_state, export_model, load_export
 from codeq.models import create_model
 
@@ -100,5 +100,8 @@ def run(args: argparse.Namespace) -> int:
             lines = size_lines(model, args.out, checkpoint)
     except (ArgumentError, ConfigError, CheckpointError, ExportError) as error:
         return report_error(error, "export")
+    except OSError as error:
+        return report_error(cannot_write(error, args.out, "nothing was written; free space or write elsewhere"),
+                            "export")
     print("\n".join(lines))
     return 0

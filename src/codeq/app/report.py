@@ -22,11 +22,13 @@ from codeq.app.config import validate_config
 from codeq.app.experiment import build_model
 from codeq.compression import FP32_BITS, BopsSettings, CompressionMonitor, monitor_report
 from codeq.data.base import declared_classes
-from codeq.errors import ArgumentError, CheckpointError, ConfigError, report_error
+from codeq.errors import ArgumentError, CheckpointError, ConfigError, cannot_write, report_error
+from codeq.io import atomic_write
 
 log = logging.getLogger(__name__)
 
 METHOD_NAMES = {"deadzone": "CoDeQ", "uniform": "Uniform QAT"}
+REPORT_FILES = ("report.json", "report.md", "layers.png")
 SUMMARY_COLUMNS = ("Method", "Weights", "Pruning", "Acc (%)", "Rel. BOPs (%)")
 
 
@@ -187,14 +189,16 @@ def plot_layers(report: dict[str, Any], path: Path) -> None:
                             f"{percent(report['sparsity'], 1)} %, Rel. BOPs {percent(report['rel_bops'])} %",
                             fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))
+    finally:
+        plt.close(figure)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report))
+    """``REPORT_FILES`` into ``out_dir``, each written whole or not at all. Raises OSError when one cannot be."""
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(out_dir / "report.md", render_markdown(report))
     plot_layers(report, out_dir / "layers.png")
 
 
@@ -290,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
     except (ArgumentError, CheckpointError, ConfigError) as error:
         return report_error(error, "report")
     if args.out:
-        write_report(report, args.out)
+        try:
+            write_report(report, args.out)
+        except OSError as error:
+            return report_error(cannot_write(error, args.out, "each report file is whole or absent; free space or "
+                                             "pass another --out"), "report")
     print(render_markdown(report))
     return 0

@@ -8,9 +8,11 @@ and its checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,14 +35,24 @@ from codeq.app.checkpoint import (
 )
 from codeq.app.config import TrainConfig, config_differences, config_to_dict, runtime_keys
 from codeq.app.experiment import build_loss_terms, build_model, optimizer_for, run_name, scheduler_for, seed_everything
-from codeq.app.report import write_run_report
+from codeq.app.report import REPORT_FILES, example_input, write_run_report
 from codeq.app.tracking import RunTracker, rewind_metrics
 from codeq.attach import owns_weight
 from codeq.compression import BopsSettings, CompressionMonitor
 from codeq.data.base import DatasetPair, declared_classes, load_dataset
 from codeq.data.loaders import build_loaders
 from codeq.data.on_device import device_loaders
-from codeq.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, Preempted, RunFailure, first_line
+from codeq.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+    Preempted,
+    RunFailure,
+    cannot_write,
+    first_line,
+)
+from codeq.io import atomic_write
 from codeq.optim import scheduled_learning_rates, warn_if_dead_zone_collapses
 from codeq.regularizers import LossTerm
 from codeq.training import distributed
@@ -271,8 +283,12 @@ def lock_run_directory(run_dir: Path) -> int:
         os.close(descriptor)
         raise ConfigError("save_dir", f"{run_dir} is in use by a running run (pid {holder})",
                           "wait for it to finish, or give this run another run_name or save_dir") from None
-    os.ftruncate(descriptor, 0)
-    os.write(descriptor, str(os.getpid()).encode())
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode())
+    except OSError as error:
+        os.close(descriptor)
+        raise OSError(error.errno, error.strerror, str(run_dir / LOCK_FILE)) from error
     return descriptor
 
 
@@ -285,16 +301,24 @@ class TrainingRun:
         self.resolved = setup.resolved
         self.criterion = nn.CrossEntropyLoss()
         data = setup.data or load_data(config)  # first: a missing data set leaves no run directory behind
-        self.lock = None
+        self.lock, self.tracker = None, None
+        # What a failure leaves to resume from: (epochs done, steps into the next) of the last.pt on disk.
+        self.saved_at = None if checkpoint is None else (checkpoint["epoch"], checkpoint["epoch_step"])
         if distributed.is_main_process():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = lock_run_directory(self.run_dir)
-            if checkpoint is None:  # another run may have finished here since locate() looked
-                try:
-                    refuse_if_checkpointed(self.run_dir)
-                except ConfigError:
-                    self.close()
-                    raise
+            with self.writing(self.run_dir):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = lock_run_directory(self.run_dir)
+        try:
+            if checkpoint is None and distributed.is_main_process():  # a run may have finished here since locate()
+                refuse_if_checkpointed(self.run_dir)
+            self.set_up(data, checkpoint, start.path)
+        except BaseException:
+            self.close()  # a failed start leaves the run directory to the next one
+            raise
+
+    def set_up(self, data: DatasetPair, checkpoint: dict[str, Any] | None, path: Path | None) -> None:
+        """Loaders, state (restored from ``checkpoint``), config.yaml, tracker and the models the loop runs."""
+        setup, config = self.setup, self.setup.config
         self.generator = torch.Generator().manual_seed(config.seed)
         if config.data_on_device:
             self.train_loader, self.val_loader = device_loaders(
@@ -315,11 +339,12 @@ class TrainingRun:
         self.epoch, self.global_step, self.best_val_acc = 0, 0, 0.0
         self.epoch_state, wandb_id = EpochState(), None
         if checkpoint is not None:
-            self.restore(checkpoint, start.path)
+            self.restore(checkpoint, path)
             wandb_id = checkpoint["wandb_id"]
         if distributed.is_main_process():
-            rewind_metrics(self.run_dir / "metrics.jsonl", self.epoch)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
+            with self.writing(self.run_dir):
+                rewind_metrics(self.run_dir / "metrics.jsonl", self.epoch)
+                atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         self.tracker = RunTracker(self.run_dir, setup.name, config.wandb_project, self.resolved, resume_id=wandb_id)
         self.step_settings.prepare_model(setup.model)
         self.forward_model = torch.compile(setup.model) if config.use_compile else setup.model
@@ -355,12 +380,35 @@ class TrainingRun:
         }
 
     def save(self, best: bool = False) -> None:
+        """last.pt (and best.pt when ``best``). best.pt goes first: a failure in between leaves last.pt at the
+        previous epoch, which resumes to write both again."""
         if distributed.is_main_process():
             state = self.checkpoint_state()
-            save_checkpoint(state, self.run_dir / LAST_CHECKPOINT)
-            if best:
-                save_checkpoint(state, self.run_dir / BEST_CHECKPOINT)
+            with self.writing(self.run_dir / LAST_CHECKPOINT):
+                if best:
+                    save_checkpoint(state, self.run_dir / BEST_CHECKPOINT)
+                save_checkpoint(state, self.run_dir / LAST_CHECKPOINT)
+            self.saved_at = (self.epoch, self.epoch_state.step)
         distributed.barrier()
+
+    def survivor(self) -> str:
+        """What the run leaves to resume from, in words."""
+        if self.saved_at is None:
+            return "no checkpoint had been written yet"
+        epoch, step = self.saved_at
+        return f"{self.run_dir / LAST_CHECKPOINT} from epoch {epoch}{f' (+{step} steps)' if step else ''} is intact"
+
+    @contextlib.contextmanager
+    def writing(self, path: Path) -> Iterator[None]:
+        """A file of the run that cannot be written (a full disk, a quota, a save_dir made read-only) ends the run
+        with one line naming the file, the cause and the checkpoint that survived (RunFailure, exit 1)."""
+        try:
+            yield
+        except OSError as error:
+            if self.tracker is not None:
+                with contextlib.suppress(Exception):  # W&B may not manage on a full disk either
+                    self.tracker.finish()
+            raise unwritable(error, path, self.survivor(), self.run_dir) from None
 
     def preempt(self) -> None:
         self.save()
@@ -408,7 +456,8 @@ class TrainingRun:
             parts = {name: value for name, value in train_metrics.items() if name not in ("loss", "acc")}
             record = {"epoch": epoch, "loss": train_metrics["loss"], **parts, "train_acc": train_metrics["acc"],
                       "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"], "lr": lr, **compression}
-            self.tracker.log(record)
+            with self.writing(self.tracker.metrics_path):
+                self.tracker.log(record)
             warn_if_collapsed(record, setup.num_classes)
             improved = val_metrics["acc"] > self.best_val_acc
             self.best_val_acc = max(self.best_val_acc, val_metrics["acc"])
@@ -421,7 +470,8 @@ class TrainingRun:
         if self.stop.anywhere() and self.epoch < config.epochs:
             self.preempt()
         if distributed.is_main_process():
-            write_run_report(self.run_dir, self.compression_monitor, self.resolved, self.tracker)
+            with self.writing(self.run_dir):
+                write_run_report(self.run_dir, self.compression_monitor, self.resolved, self.tracker)
         self.tracker.finish({"best_val_acc": self.best_val_acc, **compression})
         sparsity = f" | sparsity {compression['sparsity']:.2%}" if compression else ""
         if distributed.is_main_process():
@@ -447,10 +497,40 @@ def train_and_evaluate(setup: Setup, start: Start, stop: StopSignal) -> Path:
     """Run every remaining epoch of ``setup`` from ``start``; returns the run directory. Raises Preempted when
     ``stop`` saw a signal (after writing a checkpoint)."""
     if start.finished:
-        log.info("%s has finished all %d epochs; nothing to do", start.path, setup.config.epochs)
+        if all((start.run_dir / name).is_file() for name in REPORT_FILES) or not distributed.is_main_process():
+            log.info("%s has finished all %d epochs; nothing to do", start.path, setup.config.epochs)
+        else:
+            write_missing_report(setup, start)
         return start.run_dir
     run = TrainingRun(setup, start, stop)
     try:
         return run.run()
     finally:
         run.close()
+
+
+def write_missing_report(setup: Setup, start: Start) -> None:
+    """The report of a finished run whose report files could not all be written (a full disk at its end).
+
+    Raises:
+        RunFailure: they still cannot be written.
+    """
+    log.info("%s has finished all %d epochs; writing its report", start.path, setup.config.epochs)
+    load_model_state(setup.model, start.checkpoint["model"], start.path)
+    descriptor = None
+    try:
+        descriptor = lock_run_directory(start.run_dir)
+        monitor = CompressionMonitor(setup.model, example_input(setup.resolved))
+        write_run_report(start.run_dir, monitor, setup.resolved)
+    except OSError as error:
+        kept = f"{start.path} from epoch {start.checkpoint['epoch']} is intact"
+        raise unwritable(error, start.run_dir, kept, start.run_dir) from None
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def unwritable(error: OSError, path: Path, kept: str, run_dir: Path) -> RunFailure:
+    """The one line for a file of a run that cannot be written: which file, why (a full disk, a quota, a read-only
+    save_dir), what survived (``kept``) and how to go on."""
+    return cannot_write(error, path, f"{kept}; free space (or make {run_dir} writable), then rerun with --resume auto")
