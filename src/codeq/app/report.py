@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from codeq.app.checkpoint import LAST_CHECKPOINT, checkpoint_path, load_checkpoint, load_model_state
-from codeq.app.config import validate_config
+from codeq.app.config import saved_value, validate_config
 from codeq.app.experiment import build_model
+from codeq.bn import has_batch_norm
 from codeq.compression import FP32_BITS, BopsSettings, CompressionMonitor, monitor_report
 from codeq.data.base import declared_classes
 from codeq.errors import ArgumentError, CheckpointError, ConfigError, cannot_write, report_error
@@ -74,10 +75,13 @@ def build_report(monitor: CompressionMonitor, config: dict[str, Any], accuracy: 
     size = {"fp32_bytes": compression.pop("fp32_bytes"), "compressed_bytes": compression.pop("size_bytes"),
             "ratio": compression.pop("size_ratio")}
     layers = compression.pop("layers")
+    # The statistics behind the run's val_acc: re-estimated on this many batches before each validation (0: not).
+    statistics = saved_value(config, "bn_recalibration_batches") if has_batch_norm(monitor.model) else None
     return {
         "model": config["model"], "dataset": config.get("dataset"), "img_size": config.get("img_size"),
         "method": method_name(config), "quantizer": (config.get("quantizer") or {}).get("name"),
-        "weights": weights_label(layers), **accuracy, **compression, "size": size, "layers": layers,
+        "weights": weights_label(layers), **accuracy, "bn_recalibration_batches": statistics, **compression,
+        "size": size, "layers": layers,
     }
 
 
@@ -106,7 +110,19 @@ def summary_table(report: dict[str, Any]) -> str:
         f"- Structured Rel. BOPs (whole null channels only): {percent(report['rel_bops_structured'])} %",
         f"- BOPs count {bops_bits(report)}; Rel. BOPs is relative to 32-bit weights and 32-bit activations",
         f"- Size: {size['fp32_bytes']:,} B FP32 -> {size['compressed_bytes']:,} B compressed ({size['ratio']:.2f}x)",
+        *statistics_line(report.get("bn_recalibration_batches")),
     ])
+
+
+def statistics_line(batches: int | None) -> list[str]:
+    """Which BatchNorm statistics the run's accuracy was measured with (nothing for a model without BatchNorm)."""
+    if batches is None:
+        return []
+    if batches:
+        return [f"- BatchNorm statistics re-estimated with the quantized weights on {batches} training batches before "
+                f"each validation (Acc and the checkpoints use them)"]
+    return ["- BatchNorm statistics: training's running averages, not re-estimated: Acc can be far below what the "
+            "weights score (`codeq evaluate` re-estimates them)"]
 
 
 def bops_bits(report: dict[str, Any]) -> str:

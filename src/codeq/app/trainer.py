@@ -12,7 +12,8 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ from codeq.app.experiment import build_loss_terms, build_model, optimizer_for, r
 from codeq.app.report import REPORT_FILES, example_input, write_run_report
 from codeq.app.tracking import RunTracker, rewind_metrics
 from codeq.attach import owns_weight
+from codeq.bn import has_batch_norm
 from codeq.compression import BopsSettings, CompressionMonitor
 from codeq.data.base import DatasetPair, declared_classes, load_dataset
 from codeq.data.loaders import build_loaders
@@ -56,7 +58,7 @@ from codeq.io import atomic_write
 from codeq.optim import scheduled_learning_rates, warn_if_dead_zone_collapses
 from codeq.regularizers import LossTerm
 from codeq.training import distributed
-from codeq.training.loop import EpochState, train, validate
+from codeq.training.loop import EpochState, recalibrate, train, validate
 from codeq.training.step_settings import StepSettings
 
 LOCK_FILE = ".lock"
@@ -119,6 +121,38 @@ def prepare(config: TrainConfig, device: torch.device) -> Setup:
     optimizer = optimizer_for(model, config)
     return Setup(config, device, run_name(config, distributed.world_size()), num_classes, model, quantized,
                  optimizer, scheduler_for(optimizer, config), build_loss_terms(config), data)
+
+
+def statistics_for(model: nn.Module, checkpoint: dict[str, Any], config: TrainConfig, batches: int | None,
+                   train_loader: Callable[[], Iterable], step_settings: StepSettings) -> str | None:
+    """Give ``model``, built from ``checkpoint``, the BatchNorm statistics it is evaluated or exported with, and say
+    which: the checkpoint's when they were re-estimated for its weights (a run writes them so), otherwise re-estimated
+    now on training batches, unless told otherwise.
+
+    Args:
+        batches: re-estimate on this many training batches; 0: keep the stored statistics; None: 0 when the
+            checkpoint's were re-estimated, else the config's ``bn_recalibration_batches``.
+        train_loader: makes the run's training loader (called only when the statistics are re-estimated).
+
+    Returns:
+        One line for the user; None for a model without BatchNorm.
+
+    Raises:
+        whatever ``train_loader`` raises when the data cannot be read.
+    """
+    if not has_batch_norm(model):
+        return None
+    stored = checkpoint.get("bn_recalibrated", 0)
+    if batches is None:
+        batches = 0 if stored else config.bn_recalibration_batches
+    if not batches:
+        if stored:
+            return f"BatchNorm statistics: re-estimated on {stored} training batches when the checkpoint was written"
+        return "BatchNorm statistics: training's running averages, as stored (--bn-batches N re-estimates them)"
+    used = recalibrate(model, train_loader(), batches, config.batch_size, config.seed, checkpoint["epoch"],
+                       step_settings)
+    stale = "" if stored else " (the checkpoint held training's running averages)"
+    return f"BatchNorm statistics: re-estimated now on {used} training batches of {config.dataset}{stale}"
 
 
 @dataclass
@@ -337,6 +371,9 @@ class TrainingRun:
 
         self.step_settings = StepSettings(setup.device, config.amp, config.channels_last)
         self.epoch, self.global_step, self.best_val_acc = 0, 0, 0.0
+        # Batches the model's BatchNorm statistics were re-estimated on since its weights last changed (0: stale).
+        self.recalibrated = 0 if checkpoint is None else checkpoint.get("bn_recalibrated", 0)
+        self.cost_logged = False
         self.epoch_state, wandb_id = EpochState(), None
         if checkpoint is not None:
             self.restore(checkpoint, path)
@@ -377,6 +414,7 @@ class TrainingRun:
             "config": self.resolved, "run_name": setup.name, "num_classes": setup.num_classes,
             "rng": rng_state(self.generator),
             "grad_scaler": scaler.state_dict() if scaler is not None else None, "wandb_id": self.tracker.wandb_id,
+            "bn_recalibrated": self.recalibrated,
         }
 
     def save(self, best: bool = False) -> None:
@@ -410,6 +448,25 @@ class TrainingRun:
                     self.tracker.finish()
             raise unwritable(error, path, self.survivor(), self.run_dir) from None
 
+    def recalibrate(self, epoch: int) -> float | None:
+        """Re-estimate the BatchNorm statistics for this epoch's weights (config ``bn_recalibration_batches``); the
+        seconds it took, None when it is off or the model has no BatchNorm."""
+        config = self.setup.config
+        if not config.bn_recalibration_batches:
+            return None
+        started = time.perf_counter()
+        self.recalibrated = recalibrate(self.setup.model, self.train_loader, config.bn_recalibration_batches,
+                                        config.batch_size, config.seed, epoch, self.step_settings)
+        return time.perf_counter() - started if self.recalibrated else None
+
+    def recalibration_cost(self, seconds: float | None, epoch_seconds: float) -> str:
+        """The re-estimation's cost for the first epoch line of this process (once: it hardly varies)."""
+        if seconds is None or self.cost_logged:
+            return ""
+        self.cost_logged = True
+        return (f" (BatchNorm statistics re-estimated on {self.recalibrated} batches: {seconds:.2f} s, "
+                f"{seconds / epoch_seconds:.1%} of the epoch)")
+
     def preempt(self) -> None:
         self.save()
         self.tracker.finish()
@@ -422,6 +479,7 @@ class TrainingRun:
         if self.epoch_state.step:
             self.train_loader.sampler.set_epoch(epoch, start=self.epoch_state.step * config.batch_size)
         steps_before = self.epoch_state.step
+        self.recalibrated = 0  # the weights change from here on
         try:
             metrics = train(self.train_loader, self.train_model, self.criterion, self.setup.optimizer, epoch,
                             self.setup.device, self.setup.loss_terms, log_interval=config.log_interval,
@@ -445,12 +503,15 @@ class TrainingRun:
             if self.stop.anywhere():
                 self.preempt()
             lr = setup.optimizer.param_groups[0]["lr"]
+            started = time.perf_counter()
             train_metrics = self.train_epoch(epoch)
             if train_metrics is None:
                 self.preempt()
+            recalibration = self.recalibrate(epoch)
             # Unwrapped: each process validates its own batches, and DDP would sync buffers in every forward.
             val_metrics = validate(self.val_loader, self.forward_model, self.criterion, setup.device,
                                    log_interval=config.log_interval, step_settings=self.step_settings)
+            epoch_seconds = time.perf_counter() - started
             setup.scheduler.step()
             compression = self.compression_monitor.epoch_metrics(BopsSettings.of(self.resolved))
             parts = {name: value for name, value in train_metrics.items() if name not in ("loss", "acc")}
@@ -463,10 +524,10 @@ class TrainingRun:
             self.best_val_acc = max(self.best_val_acc, val_metrics["acc"])
             self.epoch, self.epoch_state = epoch, EpochState()
             self.save(best=improved)
-            log.info("epoch %d/%d loss %.4f%s train_acc %.4f val_acc %.4f%s", epoch, config.epochs, record["loss"],
+            log.info("epoch %d/%d loss %.4f%s train_acc %.4f val_acc %.4f%s%s", epoch, config.epochs, record["loss"],
                      "".join(f" {name} {value:.4f}" for name, value in parts.items()), record["train_acc"],
                      record["val_acc"], f" sparsity {compression['sparsity']:.4f} bits {compression['mean_bits']:.2f}"
-                     if compression else "")
+                     if compression else "", self.recalibration_cost(recalibration, epoch_seconds))
         if self.stop.anywhere() and self.epoch < config.epochs:
             self.preempt()
         if distributed.is_main_process():
