@@ -146,3 +146,14 @@ def test_re_estimation_changes_no_weight_and_a_resumed_run_matches_an_uninterrup
         assert torch.equal(states[0][key], states[1][key]) != statistic, key
         assert torch.equal(states[1][key], states[2][key]), key
     assert (reference / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()
+
+
+def test_the_cost_benchmark_times_each_phase_of_an_epoch(tmp_path):
+    result = subprocess.run([sys.executable, "bench/bn_recalibration.py", "--epochs", "2", "--threads", "1", "--set",
+                             "img_size=8", "--set", "batch_size=256", "--json", str(tmp_path / "cost.json")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = json.loads((tmp_path / "cost.json").read_text())["epochs"]
+    assert [row["epoch"] for row in epochs] == [1, 2] and all(row["batches"] == 5 for row in epochs)
+    assert all(0 < row["share"] < 1 and row["recalibrate_s"] > 0 for row in epochs)
+    assert result.stdout.splitlines()[-1].startswith("median share of an epoch: ")

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from codeq.app import cli
 from codeq.attach import attach_weight_quantizers, quantized_layers
-from codeq.compression import model_size, structural_probe
+from codeq.channels import structural_probe
+from codeq.compression import model_size
 from codeq.export import onnx as onnx_export
 from codeq.export.grids import layer_grids, plain_model
 from codeq.export.onnx import encode_weights, export_onnx, run_session, serialized, session, to_onnx

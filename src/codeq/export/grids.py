@@ -7,13 +7,11 @@ import torch
 from torch import Tensor, nn
 
 from codeq.attach import quantized_layers
-from codeq.compression import MAC_LAYERS, single_sample
+from codeq.channels import MAC_LAYERS
 from codeq.convert import convert, plain_copy
 from codeq.errors import ExportError
 from codeq.export.packed import layer_codes
 
-CHECK_BATCH = 8
-CHECK_SEED = 0
 # onnxruntime (or a slimmed model) against the fake-quantized model: max |difference| / max |its output| over a batch.
 RELATIVE_TOLERANCE = 1e-5
 
@@ -62,9 +60,3 @@ def layer_grids(model: nn.Module) -> tuple[dict[str, LayerGrid], dict[str, str]]
             continue
         grids[key] = LayerGrid(codes, step, offset, bits)
     return grids, floats
-
-
-def check_inputs(example: Tensor, count: int = CHECK_BATCH) -> Tensor:
-    """A seeded batch of ``count`` standard-normal inputs of ``example``'s item shape ([C, H, W] or a batch)."""
-    shape = single_sample(example).shape[1:]
-    return torch.randn((count, *shape), generator=torch.Generator().manual_seed(CHECK_SEED))
