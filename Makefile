@@ -19,14 +19,15 @@ test: $(STAMP)  # lint (ruff.toml), then the tests
 	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -q
 
-# The CPU figures of docs/benchmarks.md and docs/deployment.md, ~25 min on 2 cores; run it on an otherwise idle machine.
+# The CPU figures of docs/benchmarks.md and docs/deployment.md, ~35 min on 2 cores; run it on an otherwise idle machine.
+# step_overhead times QAT with learnable and with fixed bit-widths beside FP32 and an identical FP32 copy (noise).
 # The inference benchmark trains its two runs first (once: --resume auto leaves a finished run as it is).
 BENCH_RUN := -m codeq train --set save_dir=runs/bench --resume auto
 bench: $(STAMP)
 	$(PYTHON) bench/absmax.py --repeats 20
 	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 60 --control --json runs/bench/resnet20.json
-	$(PYTHON) bench/step_overhead.py --models resnet18,vit --repeats 20 --json runs/bench/resnet18_vit.json
-	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 30 --compile --json runs/bench/resnet20_compiled.json
+	$(PYTHON) bench/step_overhead.py --models resnet18,vit --repeats 20 --control --json runs/bench/resnet18_vit.json
+	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 30 --compile --control --json runs/bench/resnet20_compiled.json
 	$(PYTHON) $(BENCH_RUN) --config configs/quickstart.yaml --set run_name=quickstart
 	$(PYTHON) $(BENCH_RUN) --config configs/quickstart_group_lasso.yaml --set run_name=group_lasso
 	$(PYTHON) bench/inference.py runs/bench/quickstart runs/bench/group_lasso --threads 1 --repeats 40 \

@@ -17,9 +17,13 @@ from codeq.attach import attach_weight_quantizers, latent_weight, quantized_laye
 from codeq.models import create_model
 from codeq.quantizers import DeadZoneLDZCompander
 
-# round(tanh(0.35) * (8 - 2) + 2) = 4 bits to start from.
-QAT_KWARGS = {"fixed_bit_val": 4, "max_bits": 8, "init_bit_logit": 0.35, "learnable_bit": True,
-              "learnable_deadzone": True}
+# The dead-zone quantizer's settings the benchmarks time: 4 bits with a learnable dead zone, the bit-width learnable
+# (round(tanh(0.35) * (8 - 2) + 2) = 4 bits to start from) or fixed.
+QAT_SETTINGS = {
+    "learnable": {"fixed_bit_val": 4, "max_bits": 8, "init_bit_logit": 0.35, "learnable_bit": True,
+                  "learnable_deadzone": True},
+    "fixed": {"fixed_bit_val": 4, "max_bits": 8, "learnable_bit": False, "learnable_deadzone": True},
+}
 
 
 @dataclass
@@ -31,9 +35,10 @@ class BenchModel:
     batch_size: int
     exclude: tuple[str, ...]
 
-    def quantize(self, model: nn.Module) -> nn.Module:
-        """``model`` (one of ``build``'s) with a dead-zone quantizer on every layer but the excluded ones."""
-        attach_weight_quantizers(model, self.exclude, DeadZoneLDZCompander, QAT_KWARGS)
+    def quantize(self, model: nn.Module, bits: str = "learnable") -> nn.Module:
+        """``model`` (one of ``build``'s) with a dead-zone quantizer (``QAT_SETTINGS[bits]``) on every layer but the
+        excluded ones."""
+        attach_weight_quantizers(model, self.exclude, DeadZoneLDZCompander, QAT_SETTINGS[bits])
         return model
 
 
