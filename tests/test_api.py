@@ -90,8 +90,7 @@ def test_quantized_step_quantizes_each_weight_once_and_picks_the_compiled_path()
     model = codeq.prepare(small_cnn(), exclude_layers=["type:BatchNorm2d"])
     assert quantization_for(model) is weights_quantized_once
     calls = []
-    quantizer = model[0].parametrizations.weight[0].quantizer
-    quantizer.register_forward_hook(lambda *_: calls.append(1))
+    model[0].parametrizations.weight[0].register_forward_hook(lambda *_: calls.append(1))
     with codeq.quantized_step(model):
         model(torch.randn(2, 3, 8, 8))
         model(torch.randn(2, 3, 8, 8))
