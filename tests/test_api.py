@@ -125,6 +125,29 @@ def test_compression_report_counts_zeros_bits_bops_and_size():
         codeq.compression_report(model, [0.0])
 
 
+def test_compression_report_counts_a_transformers_linear_macs_for_one_sequence_of_token_ids():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    hidden, intermediate, layers, labels, length = 16, 32, 2, 3, 10
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=20, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=intermediate, max_position_embeddings=length, num_labels=labels))
+    codeq.prepare(model, exclude_layers=["type:Embedding", "type:LayerNorm", "classifier"])
+    report = codeq.compression_report(model, torch.randint(0, 20, (length,)))  # one item, its ModelOutput probed
+    # Per token and layer: query, key, value, attention output (hidden x hidden), intermediate and output (hidden x
+    # intermediate); the pooler and classifier see the [CLS] token only.
+    per_layer = length * (4 * hidden * hidden + 2 * hidden * intermediate)
+    assert report["macs"] == layers * per_layer + hidden * hidden + hidden * labels
+    rows = {row["name"]: row for row in report["layers"]}
+    assert rows["bert.encoder.layer.0.attention.self.query"]["macs"] == length * hidden * hidden
+    assert rows["classifier"]["macs"] == hidden * labels and not rows["classifier"]["quantized"]
+    assert len(rows) == 6 * layers + 2 and report["rel_bops_structured"] >= report["rel_bops"] > 0
+    with pytest.raises(ValueError, match=r"example_input=...\): the model fails on it as a batch of one \[1, 4, 10\] "
+                                         r"\(ValueError: .*\); pass one input without its batch dimension"):
+        codeq.compression_report(model, torch.randint(0, 20, (4, length)))  # a batch of sequences is no item
+
+
 def test_convert_is_a_plain_copy_with_the_same_outputs():
     model = codeq.prepare(small_cnn(), exclude_layers=["type:BatchNorm2d"]).eval()
     plain = codeq.convert(model)
@@ -162,3 +185,15 @@ def test_dz_l2_and_bit_l2_sum_the_squared_logits():
     assert codeq.bit_l2(fixed).item() == 0.0  # a fixed bit-width is no parameter to press on
     codeq.dz_l2(model).backward()
     assert model[0].parametrizations.weight[0].quantizer.logit_dz.grad.item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: codeq.export_onnx(small_cnn().state_dict(), torch.zeros(3, 8, 8), "m.onnx"),
+     r"export_onnx\(model=...\) takes an nn.Module, got OrderedDict"),
+    (lambda: codeq.export_onnx(small_cnn(), [3, 8, 8], "m.onnx"), r"export_onnx\(example_input=...\) takes a tensor"),
+])
+def test_export_onnx_refuses_bad_arguments_by_name(call, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match=message):
+        call()
+    assert not any(tmp_path.iterdir())
