@@ -5,11 +5,22 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 import codeq
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Each example on one thread: the same numbers whatever the machine, and no threads spinning against other
+    processes for a shared core (a 250-step BERT took 100 s with 2 threads on 2 busy cores, 5 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def load_example(name: str):
@@ -38,3 +49,21 @@ def test_own_loop(tmp_path):
         assert np.allclose(onnx_outputs(out, images[:64]), expected, rtol=0, atol=1e-5 * expected.abs().max())
     assert result["report"]["size_bytes"] < result["report"]["fp32_bytes"] / 8
     assert codeq.compression_report(plain, images[0])["sparsity"] == 0.0  # no quantizers left to count
+
+
+def test_hf_trainer(tmp_path):
+    out = tmp_path / "hf.onnx"
+    result = load_example("hf_trainer").main(steps=250, out=str(out))
+    model, plain, tokens = result["model"], result["plain"], result["tokens"][:64]
+    assert result["report"]["sparsity"] > result["before"]["sparsity"] + 0.3
+    assert result["accuracy"] > 0.95  # on held-out sequences
+    assert result["report"]["macs"] == 2 * 25 * (4 * 64 * 64 + 2 * 64 * 128) + 64 * 64 + 64 * 2  # per sequence
+    layers = result["report"]["layers"]
+    assert len(layers) == 14 and all(row["quantized"] and row["bits"] == 4 for row in layers)  # every Linear
+    assert not any("logit" in name for name, _ in plain.named_parameters()) and type(plain) is type(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+        assert torch.equal(plain.eval()(input_ids=tokens).logits, expected)
+        assert np.allclose(onnx_outputs(out, tokens), expected, rtol=0, atol=1e-5 * expected.abs().max())
+    assert result["export"].encodings and set(result["export"].encodings.values()) == {"INT4"}
