@@ -67,3 +67,20 @@ def test_hf_trainer(tmp_path):
         assert torch.equal(plain.eval()(input_ids=tokens).logits, expected)
         assert np.allclose(onnx_outputs(out, tokens), expected, rtol=0, atol=1e-5 * expected.abs().max())
     assert result["export"].encodings and set(result["export"].encodings.values()) == {"INT4"}
+
+
+def test_lightning_module(tmp_path):
+    out = tmp_path / "lightning.onnx"
+    result = load_example("lightning_module").main(epochs=3, out=str(out))
+    network, plain, images = result["module"].model, result["plain"], result["images"]
+    report, metrics = result["report"], result["metrics"]
+    assert report["sparsity"] > result["before"]["sparsity"] + 0.2
+    assert metrics["val_acc"] > 0.9 and metrics["sparsity"] == pytest.approx(report["sparsity"])
+    # The callback re-estimated the statistics on 5 batches before the last validation, after the last step.
+    assert [int(bn.num_batches_tracked) for bn in (network[1], network[4])] == [5, 5]
+    assert not any("logit" in name for name, _ in plain.named_parameters())
+    network.eval()
+    with torch.no_grad():
+        expected = network(images[:64])
+        assert torch.equal(plain.eval()(images[:64]), expected)
+        assert np.allclose(onnx_outputs(out, images[:64]), expected, rtol=0, atol=1e-5 * expected.abs().max())
