@@ -28,8 +28,9 @@ def test_prepare_quantizes_by_name_kwargs_and_exclusions():
 
 
 def test_prepare_warns_about_quantized_norms_and_names_the_entry():
-    with pytest.warns(UserWarning, match=r"quantizing 1 normalisation layer \(1\).*'type:BatchNorm2d'"):
+    with pytest.warns(UserWarning, match=r"quantizing 1 normalisation layer \(1\).*'type:BatchNorm2d'") as caught:
         codeq.prepare(small_cnn())
+    assert caught[0].filename == __file__  # the user's line, not codeq's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         codeq.prepare(small_cnn(), exclude_layers=["type:BatchNorm2d"])
@@ -38,9 +39,19 @@ def test_prepare_warns_about_quantized_norms_and_names_the_entry():
         codeq.prepare(norms)
 
 
+def test_prepare_warns_about_exclusions_that_match_no_layer():
+    with pytest.warns(UserWarning, match=r"exclude_layers \['type:BatchNorm', 're:\^fc\$'\] match no layer that "
+                                         r"owns a weight, so they exclude nothing") as caught:
+        model = codeq.prepare(small_cnn(), exclude_layers=["type:BatchNorm", "type:BatchNorm2d", "re:^fc$", "5"])
+    assert caught[0].filename == __file__ and len(caught) == 1
+    assert [name for name, _, _ in quantized_layers(model)] == ["0"]
+
+
 @pytest.mark.parametrize(("call", "error", "message"), [
     (lambda: codeq.prepare("model"), TypeError, r"prepare\(model=...\) takes an nn.Module"),
     (lambda: codeq.prepare(small_cnn(), "dedzone"), ValueError, r"prepare\(name='dedzone'\): unknown quantizer"),
+    (lambda: codeq.prepare(small_cnn(), {"fixed_bit_val": 4}), TypeError,
+     r"prepare\(name=...\) takes a quantizer's name such as 'deadzone', got dict; pass its settings as kwargs"),
     (lambda: codeq.prepare(small_cnn(), kwargs={"bits": 4}), ValueError, r"prepare\(kwargs=.*refuses"),
     (lambda: codeq.prepare(small_cnn(), kwargs={"fixed_bit_val": 9}), ValueError, "fixed_bit_val must be in"),
     (lambda: codeq.prepare(small_cnn(), exclude_layers="bn"), TypeError, r"exclude_layers=...\) takes a list"),
@@ -187,13 +198,27 @@ def test_dz_l2_and_bit_l2_sum_the_squared_logits():
     assert model[0].parametrizations.weight[0].quantizer.logit_dz.grad.item() == pytest.approx(4.0)
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda: codeq.export_onnx(small_cnn().state_dict(), torch.zeros(3, 8, 8), "m.onnx"),
+@pytest.mark.parametrize(("call", "error", "message"), [
+    (lambda: codeq.param_groups(small_cnn().state_dict(), base={}), TypeError,
+     r"param_groups\(model=...\) takes an nn.Module, got OrderedDict"),
+    (lambda: codeq.param_groups(small_cnn(), base=1e-3), TypeError, r"param_groups\(base=...\) takes optimizer "
+     r"options \(a dict, \{'lr': 1e-3\}\) or a list of groups, each a dict with 'params'; got float"),
+    (lambda: codeq.param_groups(small_cnn(), base=[{"lr": 1.0}]), TypeError, r"with 'params'; got \{'lr': 1.0\}"),
+    (lambda: codeq.param_groups(small_cnn(), base={}, dz=5.0), TypeError, r"param_groups\(dz=5.0\): give the "
+     r"group's optimizer options as a dict"),
+    (lambda: codeq.recalibrate_bn(None, []), TypeError, r"recalibrate_bn\(model=...\) takes an nn.Module"),
+    (lambda: codeq.recalibrate_bn(small_cnn(), torch.zeros(4, 3, 8, 8)), TypeError,
+     r"recalibrate_bn\(loader=...\) takes batches .* got one tensor: pass \[inputs\]"),
+    (lambda: codeq.convert("model"), TypeError, r"convert\(model=...\) takes an nn.Module, got str"),
+    (lambda: codeq.export_onnx(small_cnn().state_dict(), torch.zeros(3, 8, 8), "m.onnx"), TypeError,
      r"export_onnx\(model=...\) takes an nn.Module, got OrderedDict"),
-    (lambda: codeq.export_onnx(small_cnn(), [3, 8, 8], "m.onnx"), r"export_onnx\(example_input=...\) takes a tensor"),
+    (lambda: codeq.export_onnx(small_cnn(), [3, 8, 8], "m.onnx"), TypeError,
+     r"export_onnx\(example_input=...\) takes a tensor"),
+    (lambda: codeq.export_onnx(small_cnn(), torch.zeros(3, 8, 8), "."), ValueError,
+     r"export_onnx\(path='.'\) is a directory: give the .onnx file to write"),
 ])
-def test_export_onnx_refuses_bad_arguments_by_name(call, message, tmp_path, monkeypatch):
+def test_public_functions_refuse_bad_arguments_by_name(call, error, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(TypeError, match=message):
+    with pytest.raises(error, match=message):
         call()
     assert not any(tmp_path.iterdir())

@@ -76,6 +76,7 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: str | Path, slim:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` not a tensor.
+        ValueError: ``path`` is a directory.
         ImportError: the extra ``onnx`` is not installed.
         ExportError: the model fails on the example's shape, does not return one tensor, cannot be exported, or
             onnxruntime disagrees with it (nothing is written).
@@ -92,6 +93,8 @@ def export_onnx(model: nn.Module, example_input: Tensor, path: str | Path, slim:
         raise TypeError(f"export_onnx(model=...) takes an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, Tensor):
         raise TypeError(f"export_onnx(example_input=...) takes a tensor, got {type(example_input).__name__}")
+    if Path(path).is_dir():
+        raise ValueError(f"export_onnx(path={str(path)!r}) is a directory: give the .onnx file to write")
     try:
         from codeq.export.onnx import export_onnx as write_onnx
     except ModuleNotFoundError as error:
