@@ -176,7 +176,18 @@ def latent_weight(module: nn.Module) -> Tensor:
 
 
 def toggle_quantization(model: nn.Module, enabled: bool) -> None:
-    """Switch every attached fake-quantizer on or off (off: layers see their latent weights)."""
+    """Switch every attached fake-quantizer of ``model`` on or off, in place (off: each layer computes with its
+    latent FP32 weight, as if no quantizer were attached; the quantizers and their parameters stay).
+
+    Args:
+        model: a model after ``prepare`` (a model without quantizers is left as it is).
+        enabled: True to quantize, False to run the latent weights.
+
+    Examples:
+        >>> codeq.toggle_quantization(model, False)  # the FP32 model the latent weights make
+        >>> fp32_accuracy = evaluate(model)
+        >>> codeq.toggle_quantization(model, True)
+    """
     for _, _, parametrization in quantized_layers(model):
         parametrization.enabled = enabled
 
