@@ -152,8 +152,8 @@ def as_rows(stats: list[LayerStats]) -> list[dict]:
 
 
 # What an example input is, as errors about one say it.
-EXAMPLE_INPUT = "one input without its batch dimension (an image [C, H, W], token ids [seq_len]) or an image batch " \
-    "[N, C, H, W]"
+EXAMPLE_INPUT = ("one input without its batch dimension (an image [C, H, W], token ids [seq_len]) or an image batch "
+                 "[N, C, H, W]")
 
 
 def single_sample(example: Tensor) -> Tensor:
