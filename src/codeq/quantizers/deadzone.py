@@ -83,8 +83,18 @@ class DeadZoneLDZCompander(nn.Module):
         init_bit_logit, init_deadzone_logit: starting logits; 0 is refused for a learnable one (no gradient).
         learnable_bit, learnable_deadzone: whether the logits train.
 
+    Calling it on a weight tensor of any shape returns the fake-quantized weight, same shape and dtype;
+    ``prepare`` attaches one to each layer, so it is rarely called by hand.
+
     Raises:
         ValueError: a bit-width out of range or a learnable logit starting at 0.
+
+    Examples:
+        >>> quantizer = codeq.DeadZoneLDZCompander(fixed_bit_val=4, learnable_bit=False)
+        >>> weight = torch.randn(64, 32)
+        >>> quantized = quantizer(weight)             # [64, 32] float32, at most 2 * 7 + 1 = 15 distinct values
+        >>> quantizer.stats(weight)                   # {'bits': 4.0, 'deadzone': d, 'step': s}, in weight units
+        >>> codeq.prepare(model, "deadzone", {"fixed_bit_val": 4, "learnable_bit": False})  # the same, per layer
     """
 
     min_bits = 2
