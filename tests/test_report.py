@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 
 from codeq.app import cli
 from conftest import quick_config, write_config
@@ -66,6 +67,12 @@ def test_every_epoch_logs_mean_and_per_layer_compression(codeq_run):
     assert record["mean_bits"] == 4.0 and 0 < record["sparsity"] < 1 and 0 < record["rel_bops"] < 1
     assert record["layer_bits/layer2.0.conv1"] == 4.0
     assert 0 <= record["layer_sparsity/fc"] < 1
+    # Fig. 4's dead-zone curves: the epoch's mean |logit_dz| and d / 2R = 1 - tanh|logit_dz|, from the same weights
+    state = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    logits = torch.stack([value.abs() for key, value in state.items() if key.endswith("logit_dz")])
+    assert len(logits) == 20 and logits.max() < 3.0  # ResNet-20's 19 convs and fc; the dead zones widened
+    assert record["mean_logit_dz"] == pytest.approx(logits.mean().item(), rel=1e-6)
+    assert record["mean_deadzone_share"] == pytest.approx((1 - torch.tanh(logits)).mean().item(), rel=1e-6)
 
 
 def test_report_command_recomputes_the_run_report_from_a_checkpoint(codeq_run, tmp_path, capsys):
