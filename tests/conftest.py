@@ -115,3 +115,20 @@ def use_weights_home(imagenet_weights_home, monkeypatch) -> Path:
     monkeypatch.setenv("HOME", str(imagenet_weights_home))
     monkeypatch.setenv("TORCH_HOME", str(imagenet_weights_home / ".cache" / "torch"))
     return imagenet_weights_home
+
+
+@pytest.fixture
+def registries_as_shipped():
+    """What a test's plugins register is gone after it (and their modules, so the next test imports them anew):
+    other test files expect the shipped choices only."""
+    import sys
+
+    from codeq.app.config import REGISTRIES
+
+    saved = [(registry, dict(registry)) for registry in REGISTRIES.values()]
+    yield
+    for registry, entries in saved:
+        dict.clear(registry)
+        dict.update(registry, entries)
+    for name in [name for name in sys.modules if name.startswith("codeq_plugin_")]:
+        del sys.modules[name]
