@@ -90,15 +90,17 @@ def test_baseline_report_and_side_by_side_comparison(codeq_run, baseline_run, ca
     baseline_dir, stdout = baseline_run
     assert "| FP32 baseline | 32-bit | – |" in stdout and stdout.strip().splitlines()[-1].startswith("run directory:")
     assert json.loads((baseline_dir / "report.json").read_text())["rel_bops"] == pytest.approx(1.0)
-    (codeq_run[0] / "report.json").rename(codeq_run[0] / "saved_report.json")  # compare recomputes without it
+    (baseline_dir / "report.json").rename(baseline_dir / "saved_report.json")  # the FP32 Rel. BOPs from its last.pt
     try:
         assert cli.main(["report", "--compare", str(codeq_run[0]), str(baseline_dir)]) == 0
     finally:
-        (codeq_run[0] / "saved_report.json").rename(codeq_run[0] / "report.json")
+        (baseline_dir / "saved_report.json").rename(baseline_dir / "report.json")
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[0].startswith("| Run | Method | Weights | Pruning | Acc (%) | Rel. BOPs (%) |")
-    assert rows[2].startswith(f"| {codeq_run[0]} | CoDeQ | 4-bit |")
-    assert rows[3].startswith(f"| {baseline_dir} | FP32 baseline | 32-bit | – |") and "| 100.00 |" in rows[3]
+    final = json.loads((codeq_run[0] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows[0] == "| Method | Weights | Pruning | Acc (%) | Rel. BOPs (%) | n |"
+    assert rows[2] == (f"| CoDeQ | 4-bit | Unstruc. | {100 * final['val_acc']:.2f} | {100 * final['rel_bops']:.2f} "
+                       f"| 1 |")
+    assert rows[3].startswith("| FP32 baseline | 32-bit | None |") and rows[3].endswith("| 100.00 | 1 |")
 
 
 def test_report_command_rejects_bad_paths_in_one_line(tmp_path, capsys):
