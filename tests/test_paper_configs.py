@@ -1,12 +1,15 @@
 """configs/paper/: one config per row of the paper's Tables 2-5 (arXiv 2512.12981v1), each with the paper's settings
-(Sec. 6.1) and objective (Eqs. 16 and 19), a header naming its row and numbers, and a clean --dry-run."""
+(Sec. 6.1) and objective (Eqs. 16 and 19), a header naming its row and numbers, and a clean --dry-run; the sweeps that
+run each table's seeds."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from codeq.app import cli
 from codeq.app.config import load_config
+from codeq.app.sweep import expand
 from conftest import ROOT
 
 # Per model and data set, from the paper's Sec. 6.1: table, epochs, batch, λ_dz, λ_bit, learning rate of the logits.
@@ -106,3 +109,19 @@ def test_an_imagenet_paper_config_trains_an_epoch_on_an_image_folder(row, tmp_pa
     [run_dir] = [path for path in tmp_path.iterdir() if path.is_dir()]
     [record] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert record["loss_dz_l2"] > 0 and record["loss_bit_l2"] > 0 and 2 <= record["mean_bits"] <= 8
+
+
+def test_the_table_sweeps_run_every_row_with_the_papers_number_of_runs(use_weights_home):
+    for table, setting in ((2, "resnet20_cifar10"), (3, "resnet18_imagenet"), (4, "resnet50_imagenet"),
+                           (5, "tinyvit_cifar10")):
+        tasks = expand(ROOT / "sweeps" / f"paper_table{table}.yaml")
+        rows = sorted(row for row in RESULTS if row.startswith(setting))
+        seeds = [0] if table == 4 else [0, 1, 2]  # Table 4: "Results are reported based on one run"
+        assert sorted((Path(task.config).stem, task.validated.seed) for task in tasks) == \
+            sorted((row, seed) for row in rows for seed in seeds)
+        assert all(task.run_dir.name.startswith(f"table{table}_") for task in tasks)
+
+
+def test_every_shipped_sweep_expands():
+    for sweep in sorted((ROOT / "sweeps").glob("*.yaml")):
+        assert expand(sweep), sweep

@@ -357,7 +357,7 @@ def plot_epochs(groups: list[Group], path: Path) -> list[Path]:
             for number, run in enumerate(group.runs):
                 points = [(record["epoch"], scale * record[key]) for record in run.records if key in record]
                 if points:
-                    axis.plot(*zip(*points), color=f"C{index % 10}", linewidth=1.2, alpha=0.85,
+                    axis.plot(*zip(*points), color=f"C{index % 10}", linewidth=1.2, alpha=0.85, marker=".",
                               label=f"{group.method} | {group.weights}" if number == 0 else None)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
