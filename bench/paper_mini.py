@@ -28,7 +28,7 @@ import yaml
 
 from codeq.app.sweep import SweepTask, expand, finished
 from codeq.io import atomic_write
-from common import load_average
+from common import cpu_name, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ("sweeps/paper_mini.yaml", "sweeps/paper_mini_lambda.yaml")
@@ -78,15 +78,6 @@ def run_sweeps(sweeps: list[Path], threads: int) -> dict[str, float]:
     if failed:
         sys.exit(f"paper-mini: a sweep failed: {', '.join(failed)}; its lines above say which run and why")
     return seconds
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def shown(path: Path) -> str:

@@ -49,6 +49,7 @@ from codeq.app.config import (
     suggest,
 )
 from codeq.app.experiment import run_name
+from codeq.app.train import STOP_SIGNALS, SignalCatcher
 from codeq.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -62,7 +63,7 @@ from codeq.errors import (
 
 SWEEP_KEYS = ("configs", "grid", "set", "name")
 # What stops a task of a local sweep, as it stops `codeq train` (SIGHUP: the terminal closed, nothing left behind).
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+FORWARDED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
 
 @dataclass
@@ -152,25 +153,17 @@ def finished(task: SweepTask) -> bool:
     return checkpoint["epoch"] >= task.validated.epochs and not config_differences(resolved, checkpoint["config"])
 
 
-class SignalForwarder:
+class SignalForwarder(SignalCatcher):
     """The sweep's stop signals, passed on to the task in progress. The task runs in a session of its own, so a
     terminal's Ctrl-C reaches it once, through here: a second Ctrl-C is then a second one for the task too (it
     aborts at once), as for ``codeq train``."""
+
+    signals = FORWARDED_SIGNALS
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
         self.process: subprocess.Popen | None = None
         self.forwarded = 0
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> SignalForwarder:
-        for number in FORWARDED_SIGNALS:
-            self.previous[number] = signal.signal(number, self.handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
 
     def handle(self, number: int, frame: object) -> None:
         self.received = signal.Signals(number)
