@@ -307,7 +307,8 @@ def pareto_front(groups: list[Group]) -> list[Group]:
 
 def plot_pareto(groups: list[Group], path: Path) -> list[Path]:
     """Accuracy against Rel. BOPs: one point per group, seed spread (sample std) as error bars in both directions,
-    the Pareto front as a dashed line; a logarithmic Rel. BOPs axis when the points span more than 20x."""
+    the Pareto front's points ringed and joined by a dashed line; a logarithmic Rel. BOPs axis when the points span
+    more than 20x."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(7.0, 4.8))
     for index, group in enumerate(groups):
@@ -317,7 +318,7 @@ def plot_pareto(groups: list[Group], path: Path) -> list[Path]:
                       label=f"{group.method} | {group.weights} (n={len(group.runs)})")
     front = pareto_front(groups)
     axis.plot([g.rel_bops.mean for g in front], [g.accuracy.mean for g in front], "--", color="0.4", linewidth=1,
-              zorder=0, label="Pareto front")
+              marker="o", markersize=11, markerfacecolor="none", zorder=0, label="Pareto front (ringed)")
     means = [group.rel_bops.mean for group in groups]
     if min(means) > 0 and max(means) / min(means) > 20:
         axis.set_xscale("log")
@@ -357,7 +358,8 @@ def plot_epochs(groups: list[Group], path: Path) -> list[Path]:
             for number, run in enumerate(group.runs):
                 points = [(record["epoch"], scale * record[key]) for record in run.records if key in record]
                 if points:
-                    axis.plot(*zip(*points), color=f"C{index % 10}", linewidth=1.2, alpha=0.85, marker=".",
+                    axis.plot(*zip(*points), color=f"C{index % 10}", linewidth=1.2, alpha=0.85,
+                              marker="." if len(points) < 10 else None,  # a few epochs: dots, or a lone one shows
                               label=f"{group.method} | {group.weights}" if number == 0 else None)
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
