@@ -41,6 +41,7 @@ from codeq.app.tracking import read_metrics
 from codeq.compression import FP32_BITS, BopsSettings, CompressionMonitor, monitor_report
 from codeq.data.base import declared_classes
 from codeq.errors import ArgumentError, CheckpointError, ConfigError, report_error
+from codeq.io import atomic_write
 
 log = logging.getLogger(__name__)
 # The outputs of --compare besides the printed table: option, its attribute in the parsed arguments, what it writes.
@@ -179,14 +180,14 @@ def plot_layers(report: dict[str, Any], path: Path) -> None:
                             f"{percent(report['sparsity'], 1)} %, Rel. BOPs {percent(report['rel_bops'])} %",
                             fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))
     plt.close(figure)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report))
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")  # --compare reads it: whole or none
+    atomic_write(out_dir / "report.md", render_markdown(report))
     plot_layers(report, out_dir / "layers.png")
 
 
