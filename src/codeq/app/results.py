@@ -16,7 +16,7 @@ import io
 import json
 import statistics
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,7 @@ class Group:
     the other groups of the same method, weights and pruning (a λ sweep's λ)."""
 
     runs: list[RunResult]
-    setting: str = field(default="")
+    setting: str = ""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def name_settings(groups: list[Group]) -> None:
     by the keys in which it differs from that first one, the first by all the keys so named."""
     clusters: dict[tuple[str, str, str], list[Group]] = {}
     for group in groups:
-        clusters.setdefault((group.method, group.weights, group.pruning), []).append(group)
+        clusters.setdefault((method_name(group.config), group.weights, group.pruning), []).append(group)
     for first, *others in clusters.values():
         reference = group_key(first.config)
         named: set[str] = set()
