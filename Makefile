@@ -3,7 +3,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench bench-gpu reference clean
+.PHONY: quickstart test bench bench-gpu paper-mini reference clean
 
 # The package itself, editable, with every extra and the dev tools, at the versions of constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
@@ -44,6 +44,12 @@ bench-gpu: $(STAMP)
 	$(PYTHON) bench/absmax.py --device cuda --repeats 20 --json runs/bench/absmax_cuda.json
 	$(PYTHON) $(GPU_STEPS) --json runs/bench/resnet20_cuda.json
 	$(PYTHON) $(GPU_STEPS) --compile-mode reduce-overhead --json runs/bench/resnet20_cuda_graphs.json
+
+# The paper's protocol in miniature on digits (bench/paper_mini.py), ~15 min on an idle 2-core machine: writes
+# docs/paper-mini.md and docs/paper-mini/ from fresh runs in runs/paper_mini. A quick check of the whole pipeline:
+#   make paper-mini PAPER_MINI_ARGS="--epochs 1 --save-dir /tmp/paper_mini --doc /tmp/paper_mini/paper-mini.md"
+paper-mini: $(STAMP)
+	$(PYTHON) bench/paper_mini.py --fresh $(PAPER_MINI_ARGS)
 
 reference: $(STAMP)  # regenerate README.md's YAML reference from the schema
 	$(PYTHON) -m codeq.app.config --write README.md

@@ -146,6 +146,20 @@ def summary(stats: list[LayerStats]) -> dict[str, float]:
     return result
 
 
+@torch.no_grad()
+def dead_zone_summary(model: nn.Module) -> dict[str, float]:
+    """The two dead-zone curves of the paper's Fig. 4, over the quantizers with a dead-zone logit ``logit_dz``
+    (CoDeQ's): ``mean_logit_dz``, the mean |θ_dz|, and ``mean_deadzone_share``, the mean dead-zone width as a share
+    of the robust range, d / 2R = 1 - tanh|θ_dz| (Eq. 15; 0: no dead zone, 1: every weight pruned). Empty when no
+    quantizer has the logit."""
+    logits = [quantizer.logit_dz.detach().abs().float().cpu() for _, module in counted_modules(model)
+              if isinstance(getattr(quantizer := quantizer_of(module), "logit_dz", None), Tensor)]
+    if not logits:
+        return {}
+    stacked = torch.stack([logit.reshape(()) for logit in logits])
+    return {"mean_logit_dz": stacked.mean().item(), "mean_deadzone_share": (1 - torch.tanh(stacked)).mean().item()}
+
+
 def as_rows(stats: list[LayerStats]) -> list[dict]:
     return [{**asdict(s), "sparsity": s.sparsity, "bops": s.bops, "dense_bops": s.dense_bops,
              "structured_bops": s.structured_bops} for s in stats]
@@ -422,8 +436,8 @@ class CompressionMonitor:
         return layer_stats(self.model, self.macs, extra, settings)
 
     def epoch_metrics(self, settings: BopsSettings = W32A32) -> dict[str, float]:
-        """Flat metrics for one epoch's record: summary (BOPs counted with ``settings``) plus ``layer_bits/<name>``
-        and ``layer_sparsity/<name>``.
+        """Flat metrics for one epoch's record: summary (BOPs counted with ``settings``), the dead-zone means
+        (``dead_zone_summary``), ``layer_bits/<name>`` and ``layer_sparsity/<name>``.
 
         Empty for a model without quantizers: its compression does not change during training.
         """
@@ -431,7 +445,7 @@ class CompressionMonitor:
         quantized = [s for s in stats if s.quantized]
         if not quantized:
             return {}
-        return {**summary(stats),
+        return {**summary(stats), **dead_zone_summary(self.model),
                 **{f"layer_bits/{s.name}": s.bits for s in quantized},
                 **{f"layer_sparsity/{s.name}": s.sparsity for s in quantized}}
 

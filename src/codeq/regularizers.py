@@ -105,19 +105,22 @@ def logit_l2(model: nn.Module, name: str) -> Tensor:
 @LOSS_REGISTRY.register()
 def dz_l2(model: nn.Module) -> Tensor:
     """Σ_ℓ θ_dz,ℓ², the dead-zone pressure of CoDeQ's objective (arXiv 2512.12981, Eq. 16): with a config's
-    ``lambda`` it is the paper's λ_dz Σ θ_dz². Shrinking |θ_dz| widens each layer's dead zone d = 2R(1 - tanh|θ_dz|),
-    so a larger λ prunes more. (Weight decay on the ``dz`` group of ``param_groups`` is the same pressure, applied by
-    the optimizer.)
+    ``lambda`` it is the paper's λ_dz Σ θ_dz². Shrinking |θ_dz| widens each layer's dead zone d = 2R(1 - tanh|θ_dz|)
+    (Eq. 15), so a larger λ prunes more.
+
+    An L2 term in the loss is weight decay 2λ on the ``dz`` group only with SGD (or Adam's coupled decay); AdamW's
+    decoupled decay skips Adam's normalisation, so its numbers are not the paper's λ (docs/paper.md).
 
     Args:
         model: a model after ``prepare``.
 
     Returns:
-        A 0-dim tensor on the model's device, differentiable in the ``logit_dz`` parameters; 0 without learnable
-        dead zones.
+        A 0-dim float32 tensor on the model's device, differentiable in the ``logit_dz`` parameters; 0 when no
+        quantizer has a learnable dead zone.
 
     Examples:
-        >>> loss = criterion(model(inputs), targets) + 1e-4 * codeq.dz_l2(model)
+        >>> model = codeq.prepare(torchvision.models.resnet18(), exclude_layers=["type:BatchNorm2d"])
+        >>> loss = criterion(model(inputs), targets) + 0.02 * codeq.dz_l2(model) + 0.1 * codeq.bit_l2(model)
     """
     return logit_l2(model, "logit_dz")
 
@@ -126,16 +129,21 @@ def dz_l2(model: nn.Module) -> Tensor:
 def bit_l2(model: nn.Module) -> Tensor:
     """Σ_ℓ θ_bit,ℓ², the bit-width pressure of CoDeQ's objective with learnable bit-widths (arXiv 2512.12981,
     Eq. 19): with a config's ``lambda`` it is the paper's λ_bit Σ θ_bit². Shrinking |θ_bit| lowers each layer's
-    bit-width b = round(tanh|θ_bit|(b_max - 2) + 2).
+    bit-width b = round(tanh|θ_bit|(b_max - b_min) + b_min) (Eq. 18, b_min = 2).
+
+    In a config, the paper's ResNet-20 objective (Sec. 6.1) is
+    ``loss_terms: [{name: dz_l2, lambda: 0.01}, {name: bit_l2, lambda: 0.01}]``.
 
     Args:
         model: a model after ``prepare`` with ``learnable_bit=True`` (CoDeQ's default).
 
     Returns:
-        A 0-dim tensor on the model's device, differentiable in the ``logit_bit`` parameters; 0 without learnable
-        bit-widths.
+        A 0-dim float32 tensor on the model's device, differentiable in the ``logit_bit`` parameters; 0 when no
+        quantizer has a learnable bit-width (fixed 4 bits).
 
     Examples:
-        >>> loss = criterion(model(inputs), targets) + 1e-3 * codeq.bit_l2(model)
+        >>> model = codeq.prepare(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), kwargs={"init_bit_logit": 3.0})
+        >>> codeq.bit_l2(model)  # two layers, each 3.0²
+        tensor(18., grad_fn=<SumBackward0>)
     """
     return logit_l2(model, "logit_bit")
