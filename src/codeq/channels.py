@@ -16,13 +16,13 @@ operand read elsewhere keeps it (the slimmed sum selects that operand's remainin
 CIFAR ResNets' option-A shortcut) go only with their source. Whether a channel is constant or unread is read from the
 structural probe (``structural_probe``: the zero pattern with positive random values, so nothing cancels), a
 constant's value from the model itself. An operation this module does not know keeps every channel of its inputs, as
-do LayerNorm and attention, which mix channels. A model torch.fx cannot trace has no channel that provably goes.
+do LayerNorm and attention, which mix channels. A model torch.fx cannot trace keeps every channel.
 """
 from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +99,9 @@ def recorded_with_gradients(probe: fx.GraphModule, example: Tensor) -> dict[str,
     ``probe_cotangent``: the same numbers as ``codeq.compression.dead_channels``."""
     recorder = Recorder(probe)
     with torch.enable_grad():
-        output = recorder.run(probe_batch(example).requires_grad_())
-        output.backward(probe_cotangent(output))
+        outputs = [tensor for tensor in output_tensors(recorder.run(probe_batch(example))) if tensor.requires_grad]
+        if outputs:
+            torch.autograd.backward(outputs, [probe_cotangent(output) for output in outputs])
     return recorder.values
 
 
@@ -369,8 +370,17 @@ class ChannelGraph:
 
 
 def single_sample(example: Tensor) -> Tensor:
-    """``example`` as a batch of one: accepts one item ``[C, H, W]`` or a batch whose first item is used."""
+    """``example`` as a batch of one. A 4-D tensor is an image batch ``[N, C, H, W]`` whose first item is used; any
+    other is one item without its batch dimension (an image ``[C, H, W]``, token ids ``[seq_len]``)."""
     return example[:1] if example.dim() == 4 else example.unsqueeze(0)
+
+
+def random_ids(example: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` items of integer ``example``'s item shape and dtype (token ids, class indices), each entry drawn
+    from the range of ``example``'s values: values the model takes, whatever its vocabulary."""
+    low, high = int(example.min()), int(example.max())
+    shape = (count, *single_sample(example).shape[1:])
+    return torch.randint(low, high + 1, shape, generator=generator, dtype=example.dtype)
 
 
 def structural_probe(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -400,10 +410,26 @@ def structural_probe(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def probe_batch(example: Tensor) -> Tensor:
-    """PROBE_SAMPLES seeded random positive float64 inputs of ``example``'s item shape."""
+    """PROBE_SAMPLES seeded random inputs of ``example``'s item shape: positive float64 values, or for an integer
+    ``example`` ids in the range of its values (``random_ids``); a float batch requires its gradient."""
     generator = torch.Generator().manual_seed(1)
+    if not example.is_floating_point():
+        return random_ids(example, PROBE_SAMPLES, generator)
     sample = single_sample(example)
-    return torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
+    inputs = torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
+    return inputs.requires_grad_()
+
+
+def output_tensors(output: object) -> list[Tensor]:
+    """The tensors of a model's output: the output itself, or those in a tuple, list or dict (a Hugging Face
+    ``ModelOutput`` is one), nested or not."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [tensor for item in output for tensor in output_tensors(item)]
+    return []
 
 
 def probe_cotangent(output: Tensor) -> Tensor:
@@ -420,9 +446,12 @@ def dead_channel_mask(tensor: Tensor, dim: int) -> Tensor:
 
 
 def check_inputs(example: Tensor, count: int = CHECK_BATCH) -> Tensor:
-    """A seeded batch of ``count`` standard-normal inputs of ``example``'s item shape ([C, H, W] or a batch)."""
-    shape = single_sample(example).shape[1:]
-    return torch.randn((count, *shape), generator=torch.Generator().manual_seed(CHECK_SEED))
+    """A seeded batch of ``count`` inputs of ``example``'s item shape (``single_sample``): standard-normal float32
+    values, or for an integer ``example`` (token ids) ids of its dtype in the range of its values."""
+    generator = torch.Generator().manual_seed(CHECK_SEED)
+    if not example.is_floating_point():
+        return random_ids(example, count, generator)
+    return torch.randn((count, *single_sample(example).shape[1:]), generator=generator)
 
 
 def trace(plain: nn.Module) -> fx.GraphModule:
@@ -443,5 +472,9 @@ def channel_graph(model: nn.Module, example: Tensor) -> ChannelGraph:
     traced, probe_module = trace(convert(model).cpu().eval()), trace(structural_probe(model))
     if [node.name for node in traced.graph.nodes] != [node.name for node in probe_module.graph.nodes]:
         raise ExportError("--slim: the model traces differently from its own copy; export without --slim")
-    return ChannelGraph(traced, recorded_with_gradients(probe_module, example),
-                        recorded(traced, check_inputs(example, PROBE_SAMPLES)))
+    try:
+        return ChannelGraph(traced, recorded_with_gradients(probe_module, example),
+                            recorded(traced, check_inputs(example, PROBE_SAMPLES)))
+    except Exception as error:  # noqa: BLE001 - a traced graph can fail in many ways; each means the same here
+        raise ExportError(f"--slim: cannot follow the channels of {type(model).__name__} "
+                          f"({first_line(error, with_type=True, limit=160)}); export without --slim") from None

@@ -60,3 +60,9 @@ def layer_grids(model: nn.Module) -> tuple[dict[str, LayerGrid], dict[str, str]]
             continue
         grids[key] = LayerGrid(codes, step, offset, bits)
     return grids, floats
+
+
+def exported_inputs(inputs: Tensor) -> Tensor:
+    """``inputs`` as the exported graph takes them: float ones as float32 (the graph's dtype), integer ones as they
+    are (the graph keeps the example's integer dtype)."""
+    return inputs.float() if inputs.is_floating_point() else inputs
