@@ -60,6 +60,7 @@ def test_sigterm_to_every_process_of_a_run_with_loader_workers_checkpoints_and_e
     assert (checkpoint["epoch"], checkpoint["epoch_step"]) == (0, HELD_STEP)
 
 
+@pytest.mark.usefixtures("registries_as_shipped")  # the resume below imports the tripwire plugin in this process
 def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130_then_resumes(tmp_path):
     config = long_config(tmp_path, workers=2)
     process = start(config, "hold")
@@ -102,6 +103,25 @@ def test_stop_request_takes_one_ctrl_c_and_aborts_on_the_second():
     after_term.handle(signal.SIGTERM, None)
     after_term.handle(signal.SIGINT, None)  # a Ctrl-C after a TERM is still the first Ctrl-C
     assert after_term.signal_name == "SIGINT"
+
+
+def test_a_second_ctrl_c_while_the_first_one_prints_its_line_aborts(monkeypatch):
+    """Python can run the second Ctrl-C's handler inside the first one's: once the first one's line is out (the
+    moment a user, or a test, presses again), the first Ctrl-C must already be recorded."""
+    from codeq.app.train import StopRequest
+
+    stop = StopRequest(torch.device("cpu"))
+
+    class SecondCtrlC:
+        def write(self, text: str) -> None:
+            stop.handle(signal.SIGINT, None)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", SecondCtrlC())
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(signal.SIGINT, None)
 
 
 def test_two_runs_racing_for_one_run_directory_one_wins_the_other_exits_2(tmp_path):
