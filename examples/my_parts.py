@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from codeq import LOSS_REGISTRY, MODEL_REGISTRY, QUANTIZER_REGISTRY
+from codeq.attach import latent_weight
 from codeq.data import DATASET_REGISTRY
 from codeq.quantizers.ste import round_ste
 
@@ -42,9 +43,10 @@ def tiny_cnn(num_classes: int, img_size: int, width: int = 8) -> nn.Module:
 
 @LOSS_REGISTRY.register("l1")
 def l1(model: nn.Module, scale: float = 1.0) -> torch.Tensor:
-    """scale * mean |w| over every parameter."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    return scale * sum(p.abs().mean() for p in parameters) / len(parameters)
+    """scale * mean |w| over the weights of every Conv2d and Linear. A quantized layer's ``weight`` is computed from
+    its latent weight and is no parameter, so the term reads ``latent_weight(module)``, which trains either way."""
+    weights = [latent_weight(m) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return scale * sum(w.abs().mean() for w in weights) / len(weights)
 
 
 @DATASET_REGISTRY.register("blobs")

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under torchrun: one DDP epoch from deliberately different initial
-weights per process, then each process saves what it holds and measures.
+weights per process, BatchNorm statistics re-estimated by each process on its own batches, then each process saves
+what it holds and measures.
 
     torchrun --nproc-per-node=2 tests/distributed_probe.py CONFIG OUT_DIR
 """
@@ -16,7 +17,8 @@ from codeq.compression import layer_stats, summary
 from codeq.data.base import load_dataset
 from codeq.data.loaders import build_loaders
 from codeq.training import distributed
-from codeq.training.loop import train, validate
+from codeq.training.loop import recalibrate, train, validate
+from codeq.training.step_settings import StepSettings
 
 
 def main(config_path: str, out_dir: str) -> None:
@@ -33,12 +35,14 @@ def main(config_path: str, out_dir: str) -> None:
                                              rank=rank, world_size=distributed.world_size())
     distributed.set_epoch(train_loader, 1)
     train_metrics = train(train_loader, distributed.wrap(model, device), criterion, optimizer, 1, device, loss_terms)
+    # Each process re-estimates BatchNorm statistics on batches of its own share: they must end equal anyway.
+    recalibrated = recalibrate(model, train_loader, 2, config.batch_size, config.seed, 1, StepSettings(device))
     val_metrics = validate(val_loader, model, criterion, device)
     out = Path(out_dir)
     torch.save(model.state_dict(), out / f"rank{rank}.pt")
     report = {"train": train_metrics, "val": val_metrics, "compression": summary(layer_stats(model)),
               "loss_terms": [float(weight * fn(model, **kwargs)) for fn, weight, kwargs in loss_terms],
-              "val_batches": len(val_loader)}
+              "val_batches": len(val_loader), "recalibrated": recalibrated}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     distributed.teardown(finished=True)
 

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "codeq"
 # The library core: what a user's own training loop needs. It may import nothing outside itself.
 CORE = ("codeq.errors", "codeq.registry", "codeq.io", "codeq.quantizers", "codeq.attach", "codeq.optim",
-        "codeq.regularizers", "codeq.compression", "codeq.convert", "codeq.export", "codeq.bn", "codeq.budget")
+        "codeq.regularizers", "codeq.channels", "codeq.compression", "codeq.convert", "codeq.export", "codeq.bn",
+        "codeq.budget")
 # Built on the core, beside it: models, data sets, the training loop. They may not import the application.
 ENGINE = ("codeq.models", "codeq.data", "codeq.training")
 APPLICATION = ("codeq.app",)

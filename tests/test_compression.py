@@ -7,18 +7,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from codeq.attach import attach_weight_quantizers
+from codeq.channels import KEEP_LIVE, KEEP_OUTPUT, KEEP_PADDED
 from codeq.compression import (
     BopsSettings,
     CompressionMonitor,
     count_macs,
-    dead_channels,
     layer_stats,
     model_size,
-    null_input_channels,
     quantized_layer_bytes,
     structured_macs,
     summary,
 )
+from codeq.export.slim import slim_model
 from codeq.models import create_model
 from codeq.quantizers import DeadZoneLDZCompander
 
@@ -37,10 +37,6 @@ class KeepFirst(nn.Module):
 
     def stats(self, weight: torch.Tensor) -> dict[str, float]:
         return {"bits": float(self.bits), "deadzone": 0.0, "step": 1.0}
-
-
-def indices(mask: torch.Tensor) -> list[int]:
-    return mask.nonzero().flatten().tolist()
 
 
 def test_resnet20_dense_macs_match_the_published_count():
@@ -102,10 +98,13 @@ def test_structured_bops_credit_null_output_channels_and_the_inputs_they_null_do
     model = hand_model()
     macs = count_macs(model, torch.zeros(2, 8, 8))
     kept = structured_macs(model, torch.zeros(2, 8, 8), macs)
-    # Conv keeps output channel 0 only; the Linear sees 64 live features (channel 0) and 9 live rows.
-    assert kept == {"0": 2 * 1 * 9 * 64, "3": 64 * 9}
+    # Conv keeps output channel 0 only, so the Linear reads its 64 features; the Linear's zero row 0 is a network
+    # output and stays.
+    assert kept == {"0": 2 * 1 * 9 * 64, "3": 64 * 10}
     totals = summary(layer_stats(model, macs, kept))
-    assert totals["rel_bops_structured"] == pytest.approx((1152 * 3 * 32 + 576 * 32 * 32) / ((4608 + 2560) * 1024))
+    assert totals["rel_bops_structured"] == pytest.approx((1152 * 3 * 32 + 640 * 32 * 32) / ((4608 + 2560) * 1024))
+    slim = slim_model(model, torch.zeros(2, 8, 8))
+    assert slim.macs[1] == sum(kept.values()) and slim.kept == {KEEP_OUTPUT: ["3[0]"]}
 
 
 class TinyResidual(nn.Module):
@@ -123,55 +122,49 @@ class TinyResidual(nn.Module):
         return self.head(F.relu(x + y))
 
 
-def test_structured_column_intersects_null_channels_at_a_residual_addition():
-    model = TinyResidual()
+def test_structured_column_counts_what_slim_removes_at_a_residual_addition():
+    model = TinyResidual().eval()
     with torch.no_grad():
-        model.stem.weight[1] = 0
-        model.conv1.weight[2] = 0  # BatchNorm turns it into a constant, not a zero: still null downstream
+        model.stem.weight[1] = 0  # null in both operands of the sum: stem row 1 and conv2 row 1 go
+        model.conv1.weight[2] = 0  # BatchNorm turns it into the constant 0.7, which a padded conv2 cannot fold
         model.bn1.bias.fill_(0.7)
-        model.conv2.weight[[1, 3]] = 0
+        model.conv2.weight[[1, 3]] = 0  # channel 3 is null in the branch only; the skip keeps it live
     example = torch.zeros(3, 8, 8)
-    null = null_input_channels(model, example)
-    assert indices(null["stem"]) == []
-    assert indices(null["conv1"]) == [1]
-    assert indices(null["conv2"]) == [2]
-    assert indices(null["head"]) == [1]  # channel 3 is null in the branch only; the skip keeps it live
-    kept = structured_macs(model, example, count_macs(model, example))
-    assert kept == {"stem": 3 * 3 * 9 * 64, "conv1": 3 * 3 * 9 * 64, "conv2": 3 * 2 * 9 * 64, "head": 3 * 2 * 64}
-
-
-def test_structured_column_on_resnet20_option_a_shortcut():
-    model = create_model("resnet20", num_classes=10, img_size=16)
-    with torch.no_grad():
-        # Stage 2 pads channels 0-7 and 24-31 with zeros on the shortcut; channel 10 carries stage 1.
-        model.layer2[0].conv2.weight[[0, 10]] = 0
-    example = torch.zeros(3, 16, 16)
-    null = null_input_channels(model, example)
-    assert indices(null["layer2.1.conv1"]) == [0]
-    assert all(not mask.any() for name, mask in null.items() if name != "layer2.1.conv1")
     macs = count_macs(model, example)
     kept = structured_macs(model, example, macs)
-    assert kept["layer2.0.conv2"] == 32 * 30 * 9 * 8 * 8
-    assert kept["layer2.1.conv1"] == 31 * 32 * 9 * 8 * 8
-    assert kept["layer2.1.conv2"] == macs["layer2.1.conv2"]
+    assert kept == {"stem": 3 * 3 * 9 * 64, "conv1": 4 * 3 * 9 * 64, "conv2": 3 * 4 * 9 * 64, "head": 2 * 3 * 64}
+    slim = slim_model(model, example)
+    assert slim.macs == (sum(macs.values()), sum(kept.values()))
+    assert slim.kept == {KEEP_PADDED: ["conv1[2]"], KEEP_LIVE: ["conv2[3]"]}
+
+
+def test_a_null_row_whose_stream_channel_lives_on_stays_in_the_report_as_in_slim():
+    model = create_model("resnet20", num_classes=10, img_size=16).eval()
+    with torch.no_grad():
+        # Stage 2 pads channels 0-7 and 24-31 with zeros on the shortcut; channel 10 carries stage 1. Channel 0 of
+        # the stream is 0 after layer2.0, but layer2.1 adds its live conv2 channel 0 to it.
+        model.layer2[0].conv2.weight[[0, 10]] = 0
+    example = torch.zeros(3, 16, 16)
+    macs = count_macs(model, example)
+    assert structured_macs(model, example, macs) == macs
+    assert slim_model(model, example).kept == {KEEP_LIVE: ["layer2.0.conv2[0]", "layer2.0.conv2[10]"]}
 
 
 def test_structured_column_on_vit_attention_mlp_and_layer_norm():
-    model = create_model("vit", num_classes=10, img_size=32)
-    width = 192
+    model = create_model("vit", num_classes=10, img_size=32).eval()
+    width, hidden = 192, 768
     with torch.no_grad():
         model.blocks[0].mlp.fc1.weight[5] = 0
-        model.blocks[0].mlp.fc1.bias[5] = 0.3  # a null row with a bias is a constant: still null downstream
-        model.blocks[0].attn.qkv.weight[2 * width + 7] = 0  # value channel 7: attention averages a constant
-        model.blocks[0].attn.qkv.weight[2] = 0  # a query channel: no input channel of proj goes null
+        model.blocks[0].mlp.fc1.bias[5] = 0.3  # a constant through GELU, folded into fc2's bias: it goes
+        model.blocks[0].attn.qkv.weight[2 * width + 7] = 0  # a value channel: attention mixes, it stays
         model.blocks[0].mlp.fc2.weight[3] = 0  # residual stream channel 3 stays live through the skip
         model.blocks[1].norm1.weight[4] = 0
         model.blocks[1].norm1.bias[4] = 0
-    null = null_input_channels(model, torch.zeros(3, 32, 32))
-    assert indices(null["blocks.0.mlp.fc2"]) == [5]
-    assert indices(null["blocks.0.attn.proj"]) == [7]
-    assert indices(null["blocks.1.attn.qkv"]) == [4]
-    assert indices(null["blocks.1.mlp.fc1"]) == [] and indices(null["head"]) == []
+    example = torch.zeros(3, 32, 32)
+    macs = count_macs(model, example)
+    kept = structured_macs(model, example, macs)
+    assert kept["blocks.0.mlp.fc1"] == kept["blocks.0.mlp.fc2"] == macs["blocks.0.mlp.fc1"] * (hidden - 1) // hidden
+    assert {name for name in macs if kept[name] != macs[name]} == {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
 
 
 def test_model_size_counts_packed_codes_bitmap_scales_and_fp32_rest():
@@ -215,18 +208,32 @@ def test_bops_settings_count_activations_and_fp32_weights_at_their_bits():
     assert conv.dense_bops == 4608 * 32 * 32  # the reference stays W32A32
     totals = summary(list(stats.values()))
     assert totals["rel_bops"] == pytest.approx((0.25 * 4608 * 3 * 8 + 0.9 * 2560 * 16 * 8) / ((4608 + 2560) * 1024))
-    assert totals["rel_bops_structured"] == pytest.approx((1152 * 3 * 8 + 576 * 16 * 8) / ((4608 + 2560) * 1024))
+    assert totals["rel_bops_structured"] == pytest.approx((1152 * 3 * 8 + 640 * 16 * 8) / ((4608 + 2560) * 1024))
 
 
 def test_channels_that_nothing_reads_are_dead_and_structured_macs_drop_them():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1)).eval()
     with torch.no_grad():
         model[2].weight[:, 2] = 0  # a zero column: channel 2 of the first conv feeds nothing
     example = torch.zeros(2, 8, 8)
-    dead_inputs, dead_outputs = dead_channels(model, example)
-    assert dead_outputs["0"].tolist() == [False, False, True, False] and dead_inputs["2"].tolist() == [False, False,
-                                                                                                        True, False]
-    assert not dead_inputs["0"].any() and not dead_outputs["2"].any()
     macs = count_macs(model, example)
     assert structured_macs(model, example, macs) == {"0": 2 * 3 * 9 * 64, "2": 3 * 3 * 64}
+    slim = slim_model(model, example)
+    assert (slim.null_channels, slim.removed, slim.unread) == (1, 1, 1)
+
+
+def test_a_model_torch_fx_cannot_trace_keeps_every_channel():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)  # control flow on a value: not traceable
+
+    model = Branchy()
+    with torch.no_grad():
+        model.conv.weight[1] = 0  # a null row that no analysis can follow: it stays, as --slim (which fails) keeps it
+    macs = count_macs(model, torch.zeros(3, 8, 8))
+    assert structured_macs(model, torch.zeros(3, 8, 8), macs) == macs

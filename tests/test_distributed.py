@@ -72,7 +72,7 @@ def test_replicas_stay_identical_and_sharded_validation_equals_one_process(tmp_p
 
     states = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert states[0].keys() == states[1].keys()
-    for key in states[0]:  # weights, logit_dz / logit_bit, BatchNorm statistics
+    for key in states[0]:  # weights, logit_dz / logit_bit, BatchNorm statistics (re-estimated on different batches)
         assert torch.equal(states[0][key], states[1][key]), key
     config = load_config(config_path)
     fresh, _ = build_model(config, 10)
@@ -80,6 +80,7 @@ def test_replicas_stay_identical_and_sharded_validation_equals_one_process(tmp_p
         if "logit_dz" in key or "logit_bit" in key:
             assert not torch.equal(value, states[0][key]), f"{key} did not learn"
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0]["recalibrated"] == reports[1]["recalibrated"] == 2
     assert reports[0]["train"] == reports[1]["train"]
     assert reports[0]["loss_terms"] == reports[1]["loss_terms"] and reports[0]["loss_terms"][0] > 0
     assert reports[0]["compression"] == reports[1]["compression"]

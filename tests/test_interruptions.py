@@ -6,7 +6,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,74 +16,73 @@ from codeq.errors import ConfigError
 from conftest import ROOT, quick_config, write_config
 
 RUN = "resnet20_deadzone4b_e1_lr0.003"
+TRIPWIRE = ROOT / "tests" / "tripwire.py"
+HELD_STEP = 5
 
 
 def long_config(tmp_path, **overrides):
-    """One epoch of 90 steps (digits, batch 16) with a progress line every step: time to be interrupted."""
-    return write_config(tmp_path, quick_config(tmp_path, batch_size=16, log_interval=1, **overrides))
+    """One epoch of 90 steps (digits, batch 16) with the tripwire term (tests/tripwire.py), which holds a step."""
+    return write_config(tmp_path, quick_config(tmp_path, batch_size=16, plugins=[str(TRIPWIRE)],
+                                               loss_terms=[{"name": "tripwire"}], **overrides))
 
 
-def start(config, *extra):
-    """run_training.py in a process group of its own, as a Slurm job step or a terminal's foreground job is."""
-    return subprocess.Popen([sys.executable, "run_training.py", "--config", str(config), *extra], cwd=ROOT,
+def start(config, trip: str | None = None, at: int = HELD_STEP):
+    """run_training.py in a process group of its own, as a Slurm job step or a terminal's foreground job is; the
+    tripwire ``trip`` (hold, hang) acts at step ``at``."""
+    env = {**os.environ, "CODEQ_TRIP": trip or "", "CODEQ_TRIP_AT": str(at if trip else 0)}
+    return subprocess.Popen([sys.executable, "run_training.py", "--config", str(config)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_for_step(process, step: int) -> list[str]:
-    """The stderr lines up to the progress line of ``step`` of epoch 1."""
-    lines, deadline = [], time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
+def read_until(process, text: str) -> list[str]:
+    """The stderr lines up to the first that starts with ``text`` (the process writes it; no clock decides)."""
+    lines = []
+    while not (line := process.stderr.readline()).startswith(text):
         assert line, "".join(lines)
         lines.append(line)
-        if f"epoch 1 train step {step}/" in line:
-            return lines
-    raise AssertionError("".join(lines))
+    return lines
 
 
 def finish(process) -> tuple[int, str]:
-    _, rest = process.communicate(timeout=180)
+    _, rest = process.communicate(timeout=300)
     return process.returncode, rest
 
 
 def test_sigterm_to_every_process_of_a_run_with_loader_workers_checkpoints_and_exits_3(tmp_path):
-    process = start(long_config(tmp_path, workers=2))
-    wait_for_step(process, 5)
+    process = start(long_config(tmp_path, workers=2), "hold")
+    read_until(process, f"tripwire: holding step {HELD_STEP}")
     os.killpg(process.pid, signal.SIGTERM)  # what scancel and the time limit do: the workers get it too
     code, stderr = finish(process)
     assert code == 3, stderr
     assert "DataLoader worker" not in stderr and "Traceback" not in stderr
-    assert "SIGTERM: checkpoint written at epoch 1 step" in stderr
+    assert f"SIGTERM: checkpoint written at epoch 1 step {HELD_STEP}" in stderr
     checkpoint = torch.load(tmp_path / "runs" / RUN / "last.pt", weights_only=True)
-    assert checkpoint["epoch"] == 0 and 5 <= checkpoint["epoch_step"] < 90
+    assert (checkpoint["epoch"], checkpoint["epoch_step"]) == (0, HELD_STEP)
 
 
+@pytest.mark.usefixtures("registries_as_shipped")  # the resume below imports the tripwire plugin in this process
 def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130_then_resumes(tmp_path):
     config = long_config(tmp_path, workers=2)
-    process = start(config)
-    wait_for_step(process, 5)
+    process = start(config, "hold")
+    read_until(process, f"tripwire: holding step {HELD_STEP}")
     os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground process group
     code, stderr = finish(process)
     assert code == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     [line] = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert line == f"interrupted: checkpoint written at epoch 1 step {HELD_STEP}; resume with --resume auto"
     checkpoint = torch.load(tmp_path / "runs" / RUN / "last.pt", weights_only=True)
-    assert line == (f"interrupted: checkpoint written at epoch 1 step {checkpoint['epoch_step']}; "
-                    f"resume with --resume auto")
-    assert checkpoint["epoch_step"] >= 5
+    assert checkpoint["epoch_step"] == HELD_STEP
     assert cli.main(["train", "--config", str(config), "--resume", "auto"]) == 0
     assert json.loads((tmp_path / "runs" / RUN / "metrics.jsonl").read_text())["epoch"] == 1
 
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
-    # Steps of ~0.3 s (32 px, batch 128): the second Ctrl-C, sent once the first is acknowledged, lands mid-step.
-    process = start(write_config(tmp_path, quick_config(tmp_path, img_size=32, batch_size=128, log_interval=1)))
-    wait_for_step(process, 2)
+    # The tripwire hangs in step 2: both Ctrl-Cs land in the middle of it, however slow the machine.
+    process = start(long_config(tmp_path), "hang", at=2)
+    read_until(process, "tripwire: holding step 2")
     os.killpg(process.pid, signal.SIGINT)
-    lines = []
-    while not (line := process.stderr.readline()).startswith("interrupt: finishing the step"):
-        assert line, "".join(lines)
-        lines.append(line)
+    read_until(process, "interrupt: finishing the step")
     os.killpg(process.pid, signal.SIGINT)
     code, stderr = finish(process)
     assert code == 130, stderr
@@ -105,6 +103,25 @@ def test_stop_request_takes_one_ctrl_c_and_aborts_on_the_second():
     after_term.handle(signal.SIGTERM, None)
     after_term.handle(signal.SIGINT, None)  # a Ctrl-C after a TERM is still the first Ctrl-C
     assert after_term.signal_name == "SIGINT"
+
+
+def test_a_second_ctrl_c_while_the_first_one_prints_its_line_aborts(monkeypatch):
+    """Python can run the second Ctrl-C's handler inside the first one's: once the first one's line is out (the
+    moment a user, or a test, presses again), the first Ctrl-C must already be recorded."""
+    from codeq.app.train import StopRequest
+
+    stop = StopRequest(torch.device("cpu"))
+
+    class SecondCtrlC:
+        def write(self, text: str) -> None:
+            stop.handle(signal.SIGINT, None)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stderr", SecondCtrlC())
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(signal.SIGINT, None)
 
 
 def test_two_runs_racing_for_one_run_directory_one_wins_the_other_exits_2(tmp_path):

@@ -9,10 +9,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from codeq.app import cli
 from codeq.attach import attach_weight_quantizers, quantized_layers
-from codeq.compression import model_size, structural_probe
+from codeq.channels import CHECK_BATCH, check_inputs, structural_probe
+from codeq.compression import model_size
 from codeq.errors import ExportError
 from codeq.export import onnx as onnx_export
-from codeq.export.grids import CHECK_BATCH, check_inputs, layer_grids, plain_model
+from codeq.export.grids import layer_grids, plain_model
 from codeq.export.onnx import encode_weights, export_onnx, run_session, serialized, session, to_onnx
 from codeq.export.packed import decode_weight
 from codeq.models import create_model

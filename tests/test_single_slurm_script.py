@@ -3,11 +3,11 @@ forwards USR1 to training (checkpoint, exit 3) and resumes on the next start."""
 import os
 import signal
 import subprocess
-import time
 
 from conftest import ROOT, quick_config, write_config
 
 SCRIPT = ROOT / "slurm" / "single_slurm.sh"
+TRIPWIRE = ROOT / "tests" / "tripwire.py"
 
 
 def script_env(**extra):
@@ -33,22 +33,27 @@ def test_usage_without_a_config():
 
 
 def test_usr1_to_the_script_checkpoints_and_the_next_start_resumes(tmp_path):
-    write_config(tmp_path, quick_config(tmp_path, model="mlp", epochs=3, batch_size=16), name="exp.yaml")
+    # The tripwire term holds step 3 of epoch 2 until training has the signal: however fast the machine, the
+    # checkpoint is written after exactly that step.
+    steps = -(-1437 // 128)  # digits: 1,437 training images in batches of 128
+    config = quick_config(tmp_path, model="mlp", epochs=3, plugins=[str(TRIPWIRE)], loss_terms=[{"name": "tripwire"}])
+    write_config(tmp_path, config, name="exp.yaml")
     run_dir = tmp_path / "runs" / "mlp_deadzone4b_e3_lr0.003"
-    script = subprocess.Popen(["bash", str(SCRIPT), "exp.yaml"], cwd=tmp_path, env=script_env(),
+    script = subprocess.Popen(["bash", str(SCRIPT), "exp.yaml"], cwd=tmp_path,
+                              env=script_env(CODEQ_TRIP="hold", CODEQ_TRIP_AT=str(steps + 3)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "last.pt").exists():
-        assert script.poll() is None and time.monotonic() < deadline, script.communicate()[0]
-        time.sleep(0.05)
+    lines = []
+    while not (line := script.stdout.readline()).startswith(f"tripwire: holding step {steps + 3}"):
+        assert line, "".join(lines)
+        lines.append(line)
     script.send_signal(signal.SIGUSR1)
     output, _ = script.communicate(timeout=300)
     assert script.returncode == 3, output
-    assert "USR1: checkpoint, then requeue" in output and "SIGUSR1: checkpoint written" in output
+    assert "USR1: checkpoint, then requeue" in output and "SIGUSR1: checkpoint written at epoch 2 step 3" in output
     assert "requeueing" not in output  # outside Slurm there is nothing to requeue
 
     result = subprocess.run(["bash", str(SCRIPT), "exp.yaml"], cwd=tmp_path, env=script_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "resuming" in result.stderr
+    assert "resuming" in result.stderr and "at epoch 2, step 3" in result.stderr
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3

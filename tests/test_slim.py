@@ -2,9 +2,10 @@
 import torch
 
 from codeq.attach import attach_weight_quantizers, latent_weight
+from codeq.channels import KEEP_LIVE, KEEP_PADDED
 from codeq.compression import count_macs, structured_macs
 from codeq.export.onnx import export_onnx, run_session, session
-from codeq.export.slim import KEEP_LIVE, KEEP_PADDED, slim_model
+from codeq.export.slim import slim_model
 from codeq.models import create_model
 from codeq.quantizers import DeadZoneLDZCompander
 
@@ -52,7 +53,7 @@ def test_removable_null_channels_go_and_macs_match_the_reports_structured_count(
     model = resnet(removable_only=True)
     result = slim_model(model, EXAMPLE)
     slim = result.model
-    assert (result.null_channels, result.removed, result.unread, result.kept) == (8, 8, 1, {})
+    assert (result.null_channels, result.removed, result.unread, result.kept) == (9, 9, 1, {})
     layer = slim.get_submodule  # the traced model's containers are plain modules: no indexing
     assert (layer("layer1.0.conv1").out_channels, layer("layer1.0.bn1").num_features,
             layer("layer1.0.conv2").in_channels) == (14, 14, 14)
@@ -80,14 +81,14 @@ def test_removable_null_channels_go_and_macs_match_the_reports_structured_count(
 def test_null_channels_stay_where_removing_them_is_not_exact(tmp_path):
     model = resnet(removable_only=False)
     result = slim_model(model, EXAMPLE)
-    assert (result.null_channels, result.removed, result.unread) == (10, 8, 1)
-    assert result.kept == {KEEP_PADDED: 1, KEEP_LIVE: 1}
-    assert result.lines()[1:] == [f"slim: kept 1 null channel: {KEEP_PADDED}",
-                                  f"slim: kept 1 null channel: {KEEP_LIVE}"]
+    assert (result.null_channels, result.removed, result.unread) == (11, 9, 1)
+    assert result.kept == {KEEP_PADDED: ["layer1.0.conv1[3]"], KEEP_LIVE: ["layer3.1.conv2[7]"]}
+    assert result.lines()[1:] == [f"slim: kept 1 null channel, {KEEP_PADDED}: layer1.0.conv1 [3]",
+                                  f"slim: kept 1 null channel, {KEEP_LIVE}: layer3.1.conv2 [7]"]
     assert result.model.get_submodule("layer1.0.conv1").out_channels == 14  # rows 0 and 4 went, row 3 stayed
     assert result.model.get_submodule("layer3.1.conv2").out_channels == 62  # row 7 stayed, its stream channel lives
     macs = count_macs(model, EXAMPLE)
-    assert result.macs[1] > sum(structured_macs(model, EXAMPLE, macs).values())  # the report credits row 3 too
+    assert result.macs[1] == sum(structured_macs(model, EXAMPLE, macs).values())  # the report credits neither
 
     out = tmp_path / "slim.onnx"
     exported = export_onnx(model, EXAMPLE, out, slim=True)
@@ -118,3 +119,33 @@ def test_a_nonzero_constant_folds_into_a_linear_layers_bias():
         assert not torch.allclose(second.bias, model[3].bias, rtol=0, atol=1e-3)
         inputs = torch.randn(5, 3, 8, 8)
         assert relative_error(result.model(inputs), model(inputs)) <= 1e-5
+
+
+def test_rows_nothing_reads_go_from_a_residual_sum_whose_stream_lives_on(tmp_path):
+    """The quickstart's case: the classifier reads nothing of stream channels 3 and 9, so layer3.2.conv2's rows 3 and 9
+    (nonzero) feed nothing, while the stream's channels 3 and 9 still feed layer3.2.conv1. The rows go, the sum
+    selects the stream's other channels, and the report's structured count is slim's."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, 16)
+    attach_weight_quantizers(model, ["bn"], DeadZoneLDZCompander, {"fixed_bit_val": 4, "learnable_bit": False})
+    with torch.no_grad():
+        latent_weight(model.fc)[:, [3, 9]] *= 1e-6
+    model.eval()
+    result = slim_model(model, EXAMPLE)
+    assert (result.null_channels, result.removed, result.unread, result.kept) == (2, 2, 2, {})
+    slim = result.model
+    assert slim.get_submodule("layer3.2.conv2").out_channels == slim.fc.in_features == 62
+    assert slim.get_submodule("layer3.2.conv1").in_channels == 64  # the stream keeps them for this reader
+    [select] = [node for node in slim.graph.nodes if node.target is torch.index_select]
+    assert getattr(slim, select.args[2].target).tolist() == [c for c in range(64) if c not in (3, 9)]
+    macs = count_macs(model, EXAMPLE)
+    structured = structured_macs(model, EXAMPLE, macs)
+    assert result.macs == (sum(macs.values()), sum(structured.values()))
+    assert structured["layer3.2.conv2"] == 62 * 64 * 9 * 4 * 4 and structured["fc"] == 62 * 10
+    inputs = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(inputs)
+        assert relative_error(slim(inputs), expected) <= 1e-5
+    exported = export_onnx(model, EXAMPLE, tmp_path / "slim.onnx", slim=True)
+    outputs = run_session(session(exported.path.read_bytes()), inputs)
+    assert relative_error(outputs, expected) <= 1e-5 and torch.equal(outputs.argmax(1), expected.argmax(1))

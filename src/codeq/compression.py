@@ -5,10 +5,7 @@ in docs/compression.md; this module is its implementation.
 """
 from __future__ import annotations
 
-import functools
 import math
-import operator
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,20 +14,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from codeq.attach import latent_weight, quantized_layers, quantizer_of
-from codeq.convert import compressed_weight, inference_state, plain_copy
-from codeq.errors import first_line
+from codeq.channels import MAC_LAYERS, channel_graph, single_sample
+from codeq.convert import compressed_weight, inference_state
+from codeq.errors import ExportError, first_line
 from codeq.quantizers.base import layer_readout
 
-MAC_LAYERS = (nn.Conv2d, nn.Linear)
 FP32_BITS = 32
 # Activations are not quantized: by default every MAC multiplies by a 32-bit activation (paper, Eqs. 20-22).
 ACTIVATION_BITS = 32
 # Per quantized layer the step s and the offset delta, as float32.
 SCALE_BYTES = 8
-# A probe channel counts as constant when its spread across samples is below this share of the
-# tensor's largest magnitude; float64 rounding stays many orders below it, live channels far above.
-CONSTANT_TOLERANCE = 1e-9
-PROBE_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -170,20 +163,6 @@ EXAMPLE_INPUT = ("one input without its batch dimension (an image [C, H, W], tok
                  "[N, C, H, W]")
 
 
-def single_sample(example: Tensor) -> Tensor:
-    """``example`` as a batch of one. A 4-D tensor is an image batch ``[N, C, H, W]`` whose first item is used; any
-    other is one item without its batch dimension (an image ``[C, H, W]``, token ids ``[seq_len]``)."""
-    return example[:1] if example.dim() == 4 else example.unsqueeze(0)
-
-
-def random_ids(example: Tensor, count: int, generator: torch.Generator) -> Tensor:
-    """``count`` items of integer ``example``'s item shape and dtype (token ids, class indices), each entry drawn
-    from the range of ``example``'s values: values the model takes, whatever its vocabulary."""
-    low, high = int(example.min()), int(example.max())
-    shape = (count, *single_sample(example).shape[1:])
-    return torch.randint(low, high + 1, shape, generator=generator, dtype=example.dtype)
-
-
 def dense_macs(module: nn.Module, inputs: Tensor, output: Tensor) -> int:
     """Multiply-accumulates of one call on a batch of one, with every weight non-zero."""
     if isinstance(module, nn.Conv2d):
@@ -220,162 +199,15 @@ def count_macs(model: nn.Module, example: Tensor) -> dict[str, int]:
     return macs
 
 
-def structural_probe(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A float64 CPU copy of ``model`` with its compressed zero pattern and positive random values elsewhere.
-
-    Zeros of every parameter stay zero; every other entry becomes a positive random value, each row of
-    a weight (dim >= 2) normalised by its number of non-zeros so magnitudes neither explode nor vanish.
-    BatchNorm statistics become mean 0, variance 1. With positive values nothing cancels and no ReLU
-    shuts, so a channel is constant across inputs only when the zero pattern makes it so.
-    """
-    state = inference_state(model)
-    probe = plain_copy(model)
-    probe.load_state_dict(state)
-    probe = probe.to("cpu", torch.float64).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in probe.parameters():
-            values = (torch.rand(parameter.shape, generator=generator, dtype=torch.float64) + 0.5) * (parameter != 0)
-            if parameter.dim() >= 2:
-                live = values.flatten(1).count_nonzero(1).clamp_min(1)
-                values /= live.view(-1, *[1] * (parameter.dim() - 1))
-            parameter.copy_(values)
-        for module in probe.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-    return probe
-
-
-def channel_dim(module: nn.Module) -> int:
-    return 1 if isinstance(module, nn.Conv2d) else -1
-
-
-@torch.no_grad()
-def null_input_channels(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
-    """For every Conv2d/Linear that runs: a bool mask of its input channels that do not depend on the input.
-
-    Measured on ``structural_probe(model)`` with a few random positive inputs of ``example``'s shape:
-    a channel is null when it takes the same value for every sample at every position.
-    """
-    probe = structural_probe(model)
-    captured: dict[str, Tensor] = {}
-
-    def recorder(name: str, module: nn.Module):
-        def record(_: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            values = inputs[0].movedim(channel_dim(module), -1)
-            spread = (values.amax(0) - values.amin(0)).reshape(-1, values.shape[-1]).amax(0)
-            constant = spread <= CONSTANT_TOLERANCE * values.abs().max()
-            # A layer called more than once has a null channel only when every call agrees.
-            captured[name] = captured[name] & constant if name in captured else constant
-        return record
-
-    handles = [module.register_forward_pre_hook(recorder(name, module))
-               for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
-    try:
-        probe(probe_batch(example))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def probe_batch(example: Tensor) -> Tensor:
-    """PROBE_SAMPLES seeded random inputs of ``example``'s item shape: positive float64 values, or for an integer
-    ``example`` ids in the range of its values (``random_ids``); a float batch requires its gradient."""
-    generator = torch.Generator().manual_seed(1)
-    if not example.is_floating_point():
-        return random_ids(example, PROBE_SAMPLES, generator)
-    sample = single_sample(example)
-    inputs = torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
-    return inputs.requires_grad_()
-
-
-def output_tensors(output: object) -> list[Tensor]:
-    """The tensors of a model's output: the output itself, or those in a tuple, list or dict (a Hugging Face
-    ``ModelOutput`` is one), nested or not."""
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [tensor for item in output for tensor in output_tensors(item)]
-    return []
-
-
-def probe_cotangent(output: Tensor) -> Tensor:
-    """The seeded random positive gradient the probe's output is given, so that no gradient cancels."""
-    return torch.rand(output.shape, generator=torch.Generator().manual_seed(2), dtype=output.dtype) + 0.5
-
-
-def dead_channel_mask(tensor: Tensor, dim: int) -> Tensor:
-    """Channels (along ``dim``) of a probe tensor whose gradient is zero for every sample at every position: the
-    output does not depend on them (all of them when no gradient reached the tensor)."""
-    grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-    values = grad.movedim(dim, -1).reshape(-1, grad.shape[dim])
-    return values.abs().amax(0) <= CONSTANT_TOLERANCE * grad.abs().max()
-
-
-def dead_channels(model: nn.Module, example: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """For every Conv2d/Linear that runs: bool masks of its (input, output) channels that the output does not
-    depend on, because every weight that reads them is zero (a column of zeros, e.g. from group lasso).
-
-    Measured on ``structural_probe(model)``: its output, given a positive random gradient, is differentiated
-    back; with positive values nothing cancels and no ReLU shuts, so a channel's gradient is zero only when the
-    zero pattern makes it so.
-    """
-    probe = structural_probe(model)
-    captured: dict[str, list[tuple[Tensor, Tensor]]] = {}
-
-    def recorder(name: str):
-        def record(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            for tensor in (inputs[0], output):
-                if tensor.requires_grad:
-                    tensor.retain_grad()
-            captured.setdefault(name, []).append((inputs[0], output))
-        return record
-
-    handles = [module.register_forward_hook(recorder(name))
-               for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
-    try:
-        outputs = [tensor for tensor in output_tensors(probe(probe_batch(example))) if tensor.requires_grad]
-        if outputs:
-            torch.autograd.backward(outputs, [probe_cotangent(output) for output in outputs])
-    finally:
-        for handle in handles:
-            handle.remove()
-    dead_inputs, dead_outputs = {}, {}
-    for name, calls in captured.items():
-        dim = channel_dim(probe.get_submodule(name))
-        # A layer called more than once has a dead channel only when every call agrees.
-        dead_inputs[name] = functools.reduce(operator.and_, [dead_channel_mask(i, dim) for i, _ in calls])
-        dead_outputs[name] = functools.reduce(operator.and_, [dead_channel_mask(o, dim) for _, o in calls])
-    return dead_inputs, dead_outputs
-
-
-@torch.no_grad()
 def structured_macs(model: nn.Module, example: Tensor, macs: dict[str, int]) -> dict[str, int]:
-    """MACs per Conv2d/Linear left after removing whole null or dead output channels and null or dead input
-    channels."""
-    null_inputs = null_input_channels(model, example)
-    with torch.enable_grad():
-        dead_inputs, dead_outputs = dead_channels(model, example)
-    result = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, MAC_LAYERS):
-            continue
-        weight = compressed_weight(module)
-        groups = module.groups if isinstance(module, nn.Conv2d) else 1
-        out_channels, in_per_group = weight.shape[0], weight.shape[1]
-        no_inputs = torch.zeros(in_per_group * groups, dtype=torch.bool)
-        no_outputs = torch.zeros(out_channels, dtype=torch.bool)
-        live_rows = weight.flatten(1).ne(0).any(1).cpu() & ~dead_outputs.get(name, no_outputs)
-        live_out = live_rows.view(groups, -1).sum(1)
-        null_in = null_inputs.get(name, no_inputs).cpu() | dead_inputs.get(name, no_inputs)
-        live_in = (~null_in).view(groups, -1).sum(1)
-        # MACs of one (input channel, output channel) pair: kernel size times output positions.
-        pair_macs = macs.get(name, 0) // (in_per_group * out_channels)
-        result[name] = int((live_in * live_out).sum()) * pair_macs
-    return result
+    """MACs per Conv2d/Linear left once the null channels that can go exactly are removed: the channels ``--slim``
+    removes (``codeq.channels``, the one definition of both). A model torch.fx cannot trace (a Hugging Face model,
+    say) keeps every channel: its count is ``macs``."""
+    try:
+        graph = channel_graph(model, example)
+    except ExportError:
+        return dict(macs)
+    return graph.kept_macs(macs)
 
 
 @dataclass

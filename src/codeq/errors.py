@@ -74,6 +74,16 @@ class DataError(RunFailure):
         super().__init__(message)
 
 
+def cannot_write(error: OSError, path: object, after: str) -> RunFailure:
+    """The one line for a file that could not be written (a full disk, a quota, a read-only folder): which file, the
+    cause, then ``after`` (what survived and what to do)."""
+    return RunFailure(f"cannot write {error.filename or path}: {error.strerror or first_line(error)}; {after}")
+
+
+class LossTermError(RunFailure):
+    """A loss term returned what cannot be added to the loss (not a number or a one-element tensor)."""
+
+
 class Preempted(Exception):
     """A stop signal arrived; the checkpoint to resume from has been written at ``epoch`` (1-based, the one in
     progress) after ``step`` of its steps."""

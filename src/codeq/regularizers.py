@@ -4,7 +4,10 @@ tensor on the model's device); a config's ``loss_terms`` entry, or a ``LossTerm`
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -12,8 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from codeq.attach import latent_weight
-from codeq.errors import RegistrationError
+from codeq.errors import LossTermError, RegistrationError
 from codeq.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class LossTerm(NamedTuple):
@@ -38,6 +43,36 @@ def check_loss(name: str, fn: Any) -> None:
 
 
 LOSS_REGISTRY: Registry[Callable[..., Tensor]] = Registry("loss term", check=check_loss)
+
+
+def check_loss_value(name: str, value: object) -> None:
+    """Check what loss term ``name`` returned, once (``train`` does at its first step): a one-element tensor that a
+    gradient connects to the parameters passes; a number or a tensor without a gradient path is warned about (once
+    per term and value: it regularises nothing); anything else raises.
+
+    Raises:
+        LossTermError: ``value`` is neither a real number nor a tensor of one element.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise LossTermError(f"loss term {name!r} returned a tensor of shape {list(value.shape)}; a loss term "
+                                f"returns a 0-dim tensor (reduce it, e.g. with .sum() or .mean())")
+        if not value.requires_grad:
+            warn_constant_term(name, f"a tensor without a gradient path ({value.item():g})")
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        warn_constant_term(name, f"the number {value!r}")
+    else:
+        raise LossTermError(f"loss term {name!r} returned {type(value).__name__} {str(value)[:40]!r}; a loss term "
+                            f"returns a 0-dim tensor computed from the model's parameters")
+
+
+@functools.cache
+def warn_constant_term(name: str, what: str) -> None:
+    # The usual cause is the quantizers' renaming: after prepare, conv.weight is computed, not a parameter.
+    log.warning("loss term %r returned %s: no gradient reaches any parameter, so it regularises nothing. Often a "
+                "term picks parameters whose name ends in 'weight': once quantizers are attached a layer's weight "
+                "is computed from parametrizations.weight.original, so it finds none; read a layer's trainable "
+                "weight with codeq.attach.latent_weight(module)", name, what)
 
 
 def column_norm_sum(weight: Tensor) -> Tensor:

@@ -2,12 +2,15 @@
 written.
 
     codeq evaluate PATH [--dataset NAME] [--data-dir DIR] [--device D] [--batch-size N] [--workers N]
+                        [--bn-batches N]
 
 PATH is a checkpoint of this tool (last.pt or best.pt, also copied elsewhere), a run directory (its last.pt) or a
 packed export (``codeq export``). The validation split is the run's data set, read from the run's data_dir,
 unless --dataset / --data-dir point elsewhere; batches are evaluated as the run validated them (its batch size,
-amp and channels-last), so a run's own data reproduces its logged val_acc. Exit codes as for run_training.py: 0
-done, 1 the data cannot be read, 2 bad arguments or an unusable PATH.
+amp and channels-last, and the BatchNorm statistics its checkpoints hold), so a run's own data reproduces its logged
+val_acc. A checkpoint whose statistics are training's running averages (a run without re-estimation, or one stopped
+mid-epoch) gets them re-estimated first; the line after the accuracy says which statistics were used. Exit codes
+as for run_training.py: 0 done, 1 the data cannot be read, 2 bad arguments or an unusable PATH.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch import nn
 from codeq.app.checkpoint import checkpoint_path
 from codeq.app.config import TrainConfig, validate_config
 from codeq.app.experiment import resolve_device
-from codeq.app.export import model_from_payload
+from codeq.app.export import at_least, model_from_payload
 from codeq.app.report import (
     SUMMARY_COLUMNS,
     build_report,
@@ -36,7 +39,8 @@ from codeq.app.report import (
     summary_table,
     weights_label,
 )
-from codeq.app.trainer import load_data
+from codeq.app.trainer import load_data, statistics_for
+from codeq.bn import has_batch_norm
 from codeq.compression import CompressionMonitor, LayerStats, as_rows, count_macs, layer_stats, summary
 from codeq.data.loaders import build_loaders
 from codeq.errors import CheckpointError, ConfigError, ExportError, RunFailure, report_error
@@ -46,23 +50,26 @@ from codeq.training.step_settings import StepSettings
 
 
 class Evaluated(NamedTuple):
-    """What PATH holds: the model, its run's config, its number of classes, and how to summarise its compression
-    given the accuracy measured (``val_acc``)."""
+    """What PATH holds: the model, its run's config, its number of classes, how to summarise its compression given
+    the accuracy measured (``val_acc``), and the checkpoint it came from (None for an export)."""
 
     model: nn.Module
     config: dict[str, Any]
     num_classes: int
     summarise: Callable[[float], str]
+    checkpoint: dict[str, Any] | None = None
 
 
 class Result(NamedTuple):
-    """An evaluation: ``loss`` and ``acc`` over ``images`` validation images of the data ``config`` names."""
+    """An evaluation: ``loss`` and ``acc`` over ``images`` validation images of the data ``config`` names, and which
+    BatchNorm statistics it used (None: the model has none)."""
 
     loss: float
     acc: float
     images: int
     config: TrainConfig
     evaluated: Evaluated
+    statistics: str | None = None
 
 
 def from_checkpoint(path: Path) -> Evaluated:
@@ -74,7 +81,7 @@ def from_checkpoint(path: Path) -> Evaluated:
     def summarise(val_acc: float) -> str:
         return summary_table(build_report(monitor, config, {**known, "val_acc": val_acc}))
 
-    return Evaluated(model, config, checkpoint_classes(checkpoint, config["dataset"]), summarise)
+    return Evaluated(model, config, checkpoint_classes(checkpoint, config["dataset"]), summarise, checkpoint)
 
 
 def from_export(path: Path) -> Evaluated:
@@ -134,9 +141,13 @@ def evaluation_config(config: dict[str, Any], dataset: str | None, data_dir: str
 
 
 def evaluate(path: Path, dataset: str | None = None, data_dir: str | None = None, device: str | None = None,
-             batch_size: int | None = None, workers: int | None = None) -> Result:
+             batch_size: int | None = None, workers: int | None = None, bn_batches: int | None = None) -> Result:
     """Validation loss and accuracy of the model at ``path`` on its run's data set (or ``dataset`` from
     ``data_dir``).
+
+    BatchNorm statistics (``statistics_for``): a checkpoint's when they were re-estimated for its weights, else
+    re-estimated on ``bn_batches`` (default: the run's ``bn_recalibration_batches``) training batches of that data
+    set; an export's as exported. ``bn_batches`` 0 keeps the stored ones; N re-estimates them in any case.
 
     Raises:
         CheckpointError, ExportError: ``path`` holds no usable model.
@@ -151,24 +162,19 @@ def evaluate(path: Path, dataset: str | None = None, data_dir: str | None = None
         raise ConfigError("--dataset", f"{config.dataset} from {config.data_dir} has {data.num_classes} classes, the "
                           f"model {evaluated.num_classes}", "evaluate on data of the classes the model was trained on")
     generator = torch.Generator().manual_seed(config.seed)
-    _, loader = build_loaders(data, batch_size or config.batch_size, config.workers if workers is None else workers,
-                              generator, pin_memory=target.type == "cuda")
+    train_loader, loader = build_loaders(data, batch_size or config.batch_size,
+                                         config.workers if workers is None else workers, generator,
+                                         pin_memory=target.type == "cuda")
     settings = StepSettings(target, config.amp, config.channels_last)
     model = settings.prepare_model(evaluated.model.to(target))
+    if evaluated.checkpoint is None and not bn_batches:  # an export is evaluated as it was exported
+        statistics = "BatchNorm statistics: as exported" if has_batch_norm(model) else None
+    else:
+        statistics = statistics_for(model, evaluated.checkpoint or {"epoch": 0}, config, bn_batches,
+                                    lambda: train_loader, settings)
     metrics = validate(loader, model, nn.CrossEntropyLoss(), target, log_interval=config.log_interval,
                        step_settings=settings)
-    return Result(metrics["loss"], metrics["acc"], len(loader.dataset), config, evaluated)
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``minimum``."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
+    return Result(metrics["loss"], metrics["acc"], len(loader.dataset), config, evaluated, statistics)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,14 +184,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when there is one)")
     parser.add_argument("--batch-size", type=at_least(1), help="default: the run's batch_size")
     parser.add_argument("--workers", type=at_least(0), help="data-loader workers (default: the run's)")
+    parser.add_argument("--bn-batches", type=at_least(0), metavar="N",
+                        help="re-estimate BatchNorm statistics on N training batches first (0: use the stored ones; "
+                             "default: a checkpoint's own when its run re-estimated them, else the run's "
+                             "bn_recalibration_batches; an export's as exported)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = evaluate(args.path, args.dataset, args.data_dir, args.device, args.batch_size, args.workers)
+        result = evaluate(args.path, args.dataset, args.data_dir, args.device, args.batch_size, args.workers,
+                          args.bn_batches)
     except (ConfigError, CheckpointError, ExportError, RunFailure) as error:
         return report_error(error, "evaluate")
     print(f"validation: loss {result.loss:.4f}, accuracy {result.acc:.2%} ({result.images:,} images of "
           f"{result.config.dataset} from {result.config.data_dir})")
+    if result.statistics:
+        print(result.statistics)
     print(result.evaluated.summarise(result.acc))
     return 0

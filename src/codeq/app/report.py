@@ -23,7 +23,7 @@ import yaml
 from torch import Tensor, nn
 
 from codeq.app.checkpoint import LAST_CHECKPOINT, checkpoint_path, load_checkpoint, load_model_state
-from codeq.app.config import validate_config
+from codeq.app.config import saved_value, validate_config
 from codeq.app.experiment import build_model
 from codeq.app.plugins import import_plugins
 from codeq.app.results import (
@@ -38,12 +38,14 @@ from codeq.app.results import (
     percent,
 )
 from codeq.app.tracking import read_metrics
+from codeq.bn import has_batch_norm
 from codeq.compression import FP32_BITS, BopsSettings, CompressionMonitor, monitor_report
 from codeq.data.base import declared_classes
-from codeq.errors import ArgumentError, CheckpointError, ConfigError, report_error
+from codeq.errors import ArgumentError, CheckpointError, ConfigError, cannot_write, report_error
 from codeq.io import atomic_write
 
 log = logging.getLogger(__name__)
+REPORT_FILES = ("report.json", "report.md", "layers.png")
 # The outputs of --compare besides the printed table: option, its attribute in the parsed arguments, what it writes.
 COMPARE_OUTPUTS = (("--csv", "csv", "the table as CSV"), ("--latex", "latex", "the table as a LaTeX booktabs tabular"),
                    ("--plot", "plot", "accuracy against Rel. BOPs with the Pareto front (.png or .pdf; no suffix: "
@@ -82,10 +84,13 @@ def build_report(monitor: CompressionMonitor, config: dict[str, Any], accuracy: 
     size = {"fp32_bytes": compression.pop("fp32_bytes"), "compressed_bytes": compression.pop("size_bytes"),
             "ratio": compression.pop("size_ratio")}
     layers = compression.pop("layers")
+    # The statistics behind the run's val_acc: re-estimated on this many batches before each validation (0: not).
+    statistics = saved_value(config, "bn_recalibration_batches") if has_batch_norm(monitor.model) else None
     return {
         "model": config["model"], "dataset": config.get("dataset"), "img_size": config.get("img_size"),
         "method": method_name(config), "quantizer": (config.get("quantizer") or {}).get("name"),
-        "weights": weights_label(layers), **accuracy, **compression, "size": size, "layers": layers,
+        "weights": weights_label(layers), **accuracy, "bn_recalibration_batches": statistics, **compression,
+        "size": size, "layers": layers,
     }
 
 
@@ -105,7 +110,19 @@ def summary_table(report: dict[str, Any]) -> str:
         f"- Structured Rel. BOPs (whole null channels only): {percent(report['rel_bops_structured'])} %",
         f"- BOPs count {bops_bits(report)}; Rel. BOPs is relative to 32-bit weights and 32-bit activations",
         f"- Size: {size['fp32_bytes']:,} B FP32 -> {size['compressed_bytes']:,} B compressed ({size['ratio']:.2f}x)",
+        *statistics_line(report.get("bn_recalibration_batches")),
     ])
+
+
+def statistics_line(batches: int | None) -> list[str]:
+    """Which BatchNorm statistics the run's accuracy was measured with (nothing for a model without BatchNorm)."""
+    if batches is None:
+        return []
+    if batches:
+        return [f"- BatchNorm statistics re-estimated with the quantized weights on {batches} training batches before "
+                f"each validation (Acc and the checkpoints use them)"]
+    return ["- BatchNorm statistics: training's running averages, not re-estimated: Acc can be far below what the "
+            "weights score (`codeq evaluate` re-estimates them)"]
 
 
 def bops_bits(report: dict[str, Any]) -> str:
@@ -180,13 +197,15 @@ def plot_layers(report: dict[str, Any], path: Path) -> None:
                             f"{percent(report['sparsity'], 1)} %, Rel. BOPs {percent(report['rel_bops'])} %",
                             fontsize=9)
     figure.tight_layout()
-    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))
-    plt.close(figure)
+    try:
+        atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))
+    finally:
+        plt.close(figure)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")  # --compare reads it: whole or none
+    """``REPORT_FILES`` into ``out_dir``, each written whole or not at all. Raises OSError when one cannot be."""
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write(out_dir / "report.md", render_markdown(report))
     plot_layers(report, out_dir / "layers.png")
 
@@ -327,6 +346,10 @@ def run(args: argparse.Namespace) -> int:
     except (ArgumentError, CheckpointError, ConfigError, OSError) as error:
         return report_error(error, "report")
     if args.out:
-        write_report(report, args.out)
+        try:
+            write_report(report, args.out)
+        except OSError as error:
+            return report_error(cannot_write(error, args.out, "each report file is whole or absent; free space or "
+                                             "pass another --out"), "report")
     print(render_markdown(report))
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from codeq.errors import first_line
+from codeq.io import atomic_write
 from codeq.training.distributed import is_main_process
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,16 @@ class RunTracker:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def log(self, record: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        """Write ``record`` to metrics.jsonl and ``record | extra`` to W&B (extra: per-layer detail, images)."""
+        """Write ``record`` to metrics.jsonl and ``record | extra`` to W&B (extra: per-layer detail, images).
+
+        Raises:
+            OSError: metrics.jsonl cannot be written; it is left as it was.
+        """
         if not self.active:
             return
-        with self.metrics_path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+        # Rewritten whole, not appended: a full disk mid-append would leave half a line that no reader parses.
+        logged = self.metrics_path.read_bytes() if self.metrics_path.is_file() else b""
+        atomic_write(self.metrics_path, logged + (json.dumps(record) + "\n").encode())
         if self.wandb_run is not None:
             self.wandb_run.log({**record, **(extra or {})}, step=record.get("epoch"))
 
@@ -95,4 +101,4 @@ def rewind_metrics(metrics_path: Path, epoch: int) -> None:
         return
     kept = [line for line in metrics_path.read_text().splitlines()
             if line.strip() and json.loads(line).get("epoch", epoch + 1) <= epoch]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    atomic_write(metrics_path, "".join(line + "\n" for line in kept))

@@ -89,12 +89,14 @@ class StopRequest(SignalCatcher):
         self.signal_name: str | None = None
 
     def handle(self, number: int, frame: object) -> None:
+        if number == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        # Recorded before anything is printed: a second Ctrl-C can interrupt this handler (Python runs handlers
+        # between bytecodes), and once the line is out it must find the first one recorded.
+        self.signal_name = signal.Signals(number).name
         if number == signal.SIGINT:
-            if self.signal_name == "SIGINT":
-                raise KeyboardInterrupt
             print("interrupt: finishing the step and writing a checkpoint (Ctrl-C again aborts at once)",
                   file=sys.stderr)
-        self.signal_name = signal.Signals(number).name
 
     def anywhere(self) -> bool:
         """True on every process when any process got a stop signal (a collective when distributed)."""

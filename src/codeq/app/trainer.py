@@ -8,9 +8,12 @@ and its checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,18 +36,29 @@ from codeq.app.checkpoint import (
 )
 from codeq.app.config import TrainConfig, config_differences, config_to_dict, runtime_keys
 from codeq.app.experiment import build_loss_terms, build_model, optimizer_for, run_name, scheduler_for, seed_everything
-from codeq.app.report import write_run_report
+from codeq.app.report import REPORT_FILES, example_input, write_run_report
 from codeq.app.tracking import RunTracker, rewind_metrics
 from codeq.attach import owns_weight
+from codeq.bn import has_batch_norm
 from codeq.compression import BopsSettings, CompressionMonitor
 from codeq.data.base import DatasetPair, declared_classes, load_dataset
 from codeq.data.loaders import build_loaders
 from codeq.data.on_device import device_loaders
-from codeq.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, Preempted, RunFailure, first_line
+from codeq.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+    Preempted,
+    RunFailure,
+    cannot_write,
+    first_line,
+)
+from codeq.io import atomic_write
 from codeq.optim import scheduled_learning_rates, warn_if_dead_zone_collapses
 from codeq.regularizers import LossTerm
 from codeq.training import distributed
-from codeq.training.loop import EpochState, train, validate
+from codeq.training.loop import EpochState, recalibrate, train, validate
 from codeq.training.step_settings import StepSettings
 
 LOCK_FILE = ".lock"
@@ -109,6 +123,38 @@ def prepare(config: TrainConfig, device: torch.device) -> Setup:
                  optimizer, scheduler_for(optimizer, config), build_loss_terms(config), data)
 
 
+def statistics_for(model: nn.Module, checkpoint: dict[str, Any], config: TrainConfig, batches: int | None,
+                   train_loader: Callable[[], Iterable], step_settings: StepSettings) -> str | None:
+    """Give ``model``, built from ``checkpoint``, the BatchNorm statistics it is evaluated or exported with, and say
+    which: the checkpoint's when they were re-estimated for its weights (a run writes them so), otherwise re-estimated
+    now on training batches, unless told otherwise.
+
+    Args:
+        batches: re-estimate on this many training batches; 0: keep the stored statistics; None: 0 when the
+            checkpoint's were re-estimated, else the config's ``bn_recalibration_batches``.
+        train_loader: makes the run's training loader (called only when the statistics are re-estimated).
+
+    Returns:
+        One line for the user; None for a model without BatchNorm.
+
+    Raises:
+        whatever ``train_loader`` raises when the data cannot be read.
+    """
+    if not has_batch_norm(model):
+        return None
+    stored = checkpoint.get("bn_recalibrated", 0)
+    if batches is None:
+        batches = 0 if stored else config.bn_recalibration_batches
+    if not batches:
+        if stored:
+            return f"BatchNorm statistics: re-estimated on {stored} training batches when the checkpoint was written"
+        return "BatchNorm statistics: training's running averages, as stored (--bn-batches N re-estimates them)"
+    used = recalibrate(model, train_loader(), batches, config.batch_size, config.seed, checkpoint["epoch"],
+                       step_settings)
+    stale = "" if stored else " (the checkpoint held training's running averages)"
+    return f"BatchNorm statistics: re-estimated now on {used} training batches of {config.dataset}{stale}"
+
+
 @dataclass
 class Start:
     """Where a run begins: its directory and, when resuming, the checkpoint it continues from."""
@@ -146,9 +192,7 @@ def locate(setup: Setup, resume: str | None) -> Start:
         raise ConfigError("save_dir", f"cannot create {run_dir}: {blocked} is a file", "choose a save_dir that is a "
                           "directory, or one that does not exist yet")
     if resume is None:
-        if (run_dir / LAST_CHECKPOINT).is_file():
-            raise ConfigError("save_dir", f"{run_dir} already holds a checkpoint ({LAST_CHECKPOINT})",
-                              "pass --resume auto to continue that run, or choose a new save_dir (or run_name)")
+        refuse_if_checkpointed(run_dir)
         return Start(run_dir)
     if resume == "auto":
         if not (run_dir / LAST_CHECKPOINT).is_file() and setup.config.run_name is None:
@@ -172,6 +216,13 @@ def locate(setup: Setup, resume: str | None) -> Start:
                           f"checkpoint has done", f"set epochs to at least {checkpoint['epoch']}")
     checkpoint["config"] = {**checkpoint["config"], "epochs": setup.config.epochs}
     return Start(path.parent, checkpoint, path)
+
+
+def refuse_if_checkpointed(run_dir: Path) -> None:
+    """Raises ConfigError when ``run_dir`` holds a checkpoint: a fresh start never overwrites a run."""
+    if (run_dir / LAST_CHECKPOINT).is_file():
+        raise ConfigError("save_dir", f"{run_dir} already holds a checkpoint ({LAST_CHECKPOINT})",
+                          "pass --resume auto to continue that run, or choose a new save_dir (or run_name)")
 
 
 def describe(setup: Setup, start: Start) -> str:
@@ -266,8 +317,12 @@ def lock_run_directory(run_dir: Path) -> int:
         os.close(descriptor)
         raise ConfigError("save_dir", f"{run_dir} is in use by a running run (pid {holder})",
                           "wait for it to finish, or give this run another run_name or save_dir") from None
-    os.ftruncate(descriptor, 0)
-    os.write(descriptor, str(os.getpid()).encode())
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, str(os.getpid()).encode())
+    except OSError as error:
+        os.close(descriptor)
+        raise OSError(error.errno, error.strerror, str(run_dir / LOCK_FILE)) from error
     return descriptor
 
 
@@ -280,10 +335,24 @@ class TrainingRun:
         self.resolved = setup.resolved
         self.criterion = nn.CrossEntropyLoss()
         data = setup.data or load_data(config)  # first: a missing data set leaves no run directory behind
-        self.lock = None
+        self.lock, self.tracker = None, None
+        # What a failure leaves to resume from: (epochs done, steps into the next) of the last.pt on disk.
+        self.saved_at = None if checkpoint is None else (checkpoint["epoch"], checkpoint["epoch_step"])
         if distributed.is_main_process():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = lock_run_directory(self.run_dir)
+            with self.writing(self.run_dir):
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = lock_run_directory(self.run_dir)
+        try:
+            if checkpoint is None and distributed.is_main_process():  # a run may have finished here since locate()
+                refuse_if_checkpointed(self.run_dir)
+            self.set_up(data, checkpoint, start.path)
+        except BaseException:
+            self.close()  # a failed start leaves the run directory to the next one
+            raise
+
+    def set_up(self, data: DatasetPair, checkpoint: dict[str, Any] | None, path: Path | None) -> None:
+        """Loaders, state (restored from ``checkpoint``), config.yaml, tracker and the models the loop runs."""
+        setup, config = self.setup, self.setup.config
         self.generator = torch.Generator().manual_seed(config.seed)
         if config.data_on_device:
             self.train_loader, self.val_loader = device_loaders(
@@ -302,13 +371,17 @@ class TrainingRun:
 
         self.step_settings = StepSettings(setup.device, config.amp, config.channels_last)
         self.epoch, self.global_step, self.best_val_acc = 0, 0, 0.0
+        # Batches the model's BatchNorm statistics were re-estimated on since its weights last changed (0: stale).
+        self.recalibrated = 0 if checkpoint is None else checkpoint.get("bn_recalibrated", 0)
+        self.cost_logged = False
         self.epoch_state, wandb_id = EpochState(), None
         if checkpoint is not None:
-            self.restore(checkpoint, start.path)
+            self.restore(checkpoint, path)
             wandb_id = checkpoint["wandb_id"]
         if distributed.is_main_process():
-            rewind_metrics(self.run_dir / "metrics.jsonl", self.epoch)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
+            with self.writing(self.run_dir):
+                rewind_metrics(self.run_dir / "metrics.jsonl", self.epoch)
+                atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         self.tracker = RunTracker(self.run_dir, setup.name, config.wandb_project, self.resolved, resume_id=wandb_id)
         self.step_settings.prepare_model(setup.model)
         self.forward_model = torch.compile(setup.model) if config.use_compile else setup.model
@@ -341,15 +414,58 @@ class TrainingRun:
             "config": self.resolved, "run_name": setup.name, "num_classes": setup.num_classes,
             "rng": rng_state(self.generator),
             "grad_scaler": scaler.state_dict() if scaler is not None else None, "wandb_id": self.tracker.wandb_id,
+            "bn_recalibrated": self.recalibrated,
         }
 
     def save(self, best: bool = False) -> None:
+        """last.pt (and best.pt when ``best``). best.pt goes first: a failure in between leaves last.pt at the
+        previous epoch, which resumes to write both again."""
         if distributed.is_main_process():
             state = self.checkpoint_state()
-            save_checkpoint(state, self.run_dir / LAST_CHECKPOINT)
-            if best:
-                save_checkpoint(state, self.run_dir / BEST_CHECKPOINT)
+            with self.writing(self.run_dir / LAST_CHECKPOINT):
+                if best:
+                    save_checkpoint(state, self.run_dir / BEST_CHECKPOINT)
+                save_checkpoint(state, self.run_dir / LAST_CHECKPOINT)
+            self.saved_at = (self.epoch, self.epoch_state.step)
         distributed.barrier()
+
+    def survivor(self) -> str:
+        """What the run leaves to resume from, in words."""
+        if self.saved_at is None:
+            return "no checkpoint had been written yet"
+        epoch, step = self.saved_at
+        return f"{self.run_dir / LAST_CHECKPOINT} from epoch {epoch}{f' (+{step} steps)' if step else ''} is intact"
+
+    @contextlib.contextmanager
+    def writing(self, path: Path) -> Iterator[None]:
+        """A file of the run that cannot be written (a full disk, a quota, a save_dir made read-only) ends the run
+        with one line naming the file, the cause and the checkpoint that survived (RunFailure, exit 1)."""
+        try:
+            yield
+        except OSError as error:
+            if self.tracker is not None:
+                with contextlib.suppress(Exception):  # W&B may not manage on a full disk either
+                    self.tracker.finish()
+            raise unwritable(error, path, self.survivor(), self.run_dir) from None
+
+    def recalibrate(self, epoch: int) -> float | None:
+        """Re-estimate the BatchNorm statistics for this epoch's weights (config ``bn_recalibration_batches``); the
+        seconds it took, None when it is off or the model has no BatchNorm."""
+        config = self.setup.config
+        if not config.bn_recalibration_batches:
+            return None
+        started = time.perf_counter()
+        self.recalibrated = recalibrate(self.setup.model, self.train_loader, config.bn_recalibration_batches,
+                                        config.batch_size, config.seed, epoch, self.step_settings)
+        return time.perf_counter() - started if self.recalibrated else None
+
+    def recalibration_cost(self, seconds: float | None, epoch_seconds: float) -> str:
+        """The re-estimation's cost for the first epoch line of this process (once: it hardly varies)."""
+        if seconds is None or self.cost_logged:
+            return ""
+        self.cost_logged = True
+        return (f" (BatchNorm statistics re-estimated on {self.recalibrated} batches: {seconds:.2f} s, "
+                f"{seconds / epoch_seconds:.1%} of the epoch)")
 
     def preempt(self) -> None:
         self.save()
@@ -363,6 +479,7 @@ class TrainingRun:
         if self.epoch_state.step:
             self.train_loader.sampler.set_epoch(epoch, start=self.epoch_state.step * config.batch_size)
         steps_before = self.epoch_state.step
+        self.recalibrated = 0  # the weights change from here on
         try:
             metrics = train(self.train_loader, self.train_model, self.criterion, self.setup.optimizer, epoch,
                             self.setup.device, self.setup.loss_terms, log_interval=config.log_interval,
@@ -386,31 +503,36 @@ class TrainingRun:
             if self.stop.anywhere():
                 self.preempt()
             lr = setup.optimizer.param_groups[0]["lr"]
+            started = time.perf_counter()
             train_metrics = self.train_epoch(epoch)
             if train_metrics is None:
                 self.preempt()
+            recalibration = self.recalibrate(epoch)
             # Unwrapped: each process validates its own batches, and DDP would sync buffers in every forward.
             val_metrics = validate(self.val_loader, self.forward_model, self.criterion, setup.device,
                                    log_interval=config.log_interval, step_settings=self.step_settings)
+            epoch_seconds = time.perf_counter() - started
             setup.scheduler.step()
             compression = self.compression_monitor.epoch_metrics(BopsSettings.of(self.resolved))
             parts = {name: value for name, value in train_metrics.items() if name not in ("loss", "acc")}
             record = {"epoch": epoch, "loss": train_metrics["loss"], **parts, "train_acc": train_metrics["acc"],
                       "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"], "lr": lr, **compression}
-            self.tracker.log(record)
+            with self.writing(self.tracker.metrics_path):
+                self.tracker.log(record)
             warn_if_collapsed(record, setup.num_classes)
             improved = val_metrics["acc"] > self.best_val_acc
             self.best_val_acc = max(self.best_val_acc, val_metrics["acc"])
             self.epoch, self.epoch_state = epoch, EpochState()
             self.save(best=improved)
-            log.info("epoch %d/%d loss %.4f%s train_acc %.4f val_acc %.4f%s", epoch, config.epochs, record["loss"],
+            log.info("epoch %d/%d loss %.4f%s train_acc %.4f val_acc %.4f%s%s", epoch, config.epochs, record["loss"],
                      "".join(f" {name} {value:.4f}" for name, value in parts.items()), record["train_acc"],
                      record["val_acc"], f" sparsity {compression['sparsity']:.4f} bits {compression['mean_bits']:.2f}"
-                     if compression else "")
+                     if compression else "", self.recalibration_cost(recalibration, epoch_seconds))
         if self.stop.anywhere() and self.epoch < config.epochs:
             self.preempt()
         if distributed.is_main_process():
-            write_run_report(self.run_dir, self.compression_monitor, self.resolved, self.tracker)
+            with self.writing(self.run_dir):
+                write_run_report(self.run_dir, self.compression_monitor, self.resolved, self.tracker)
         self.tracker.finish({"best_val_acc": self.best_val_acc, **compression})
         sparsity = f" | sparsity {compression['sparsity']:.2%}" if compression else ""
         if distributed.is_main_process():
@@ -436,10 +558,40 @@ def train_and_evaluate(setup: Setup, start: Start, stop: StopSignal) -> Path:
     """Run every remaining epoch of ``setup`` from ``start``; returns the run directory. Raises Preempted when
     ``stop`` saw a signal (after writing a checkpoint)."""
     if start.finished:
-        log.info("%s has finished all %d epochs; nothing to do", start.path, setup.config.epochs)
+        if all((start.run_dir / name).is_file() for name in REPORT_FILES) or not distributed.is_main_process():
+            log.info("%s has finished all %d epochs; nothing to do", start.path, setup.config.epochs)
+        else:
+            write_missing_report(setup, start)
         return start.run_dir
     run = TrainingRun(setup, start, stop)
     try:
         return run.run()
     finally:
         run.close()
+
+
+def write_missing_report(setup: Setup, start: Start) -> None:
+    """The report of a finished run whose report files could not all be written (a full disk at its end).
+
+    Raises:
+        RunFailure: they still cannot be written.
+    """
+    log.info("%s has finished all %d epochs; writing its report", start.path, setup.config.epochs)
+    load_model_state(setup.model, start.checkpoint["model"], start.path)
+    descriptor = None
+    try:
+        descriptor = lock_run_directory(start.run_dir)
+        monitor = CompressionMonitor(setup.model, example_input(setup.resolved))
+        write_run_report(start.run_dir, monitor, setup.resolved)
+    except OSError as error:
+        kept = f"{start.path} from epoch {start.checkpoint['epoch']} is intact"
+        raise unwritable(error, start.run_dir, kept, start.run_dir) from None
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def unwritable(error: OSError, path: Path, kept: str, run_dir: Path) -> RunFailure:
+    """The one line for a file of a run that cannot be written: which file, why (a full disk, a quota, a read-only
+    save_dir), what survived (``kept``) and how to go on."""
+    return cannot_write(error, path, f"{kept}; free space (or make {run_dir} writable), then rerun with --resume auto")

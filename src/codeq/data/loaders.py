@@ -101,3 +101,23 @@ def build_loaders(
     batches = StridedBatchSampler(dataset.val, batch_size, rank, world_size)
     val = DataLoader(dataset.val, batch_sampler=batches, **common)
     return train, val
+
+
+def statistics_batches(loader: Any, count: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                       world_size: int = 1) -> Any:
+    """``count`` batches of the training data ``loader`` serves (a DataLoader or a DeviceLoader), as it prepares
+    them, for re-estimating BatchNorm statistics (``codeq.training.loop.recalibrate``).
+
+    Their samples are this process's share of a permutation drawn by a generator of their own, seeded from ``seed``
+    and ``epoch``: the training order is untouched, and a resumed run draws the same batches as an uninterrupted
+    one. A DataLoader's copy takes its workers (at most one per batch, not persistent), collation and pinning; its
+    workers are seeded from that generator too.
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    order = torch.randperm(len(loader.dataset), generator=generator)[rank::world_size][: count * batch_size].tolist()
+    batches = [order[start: start + batch_size] for start in range(0, len(order), batch_size)]
+    if not isinstance(loader, DataLoader):
+        return loader.with_batches(batches)
+    return DataLoader(loader.dataset, batch_sampler=batches, num_workers=min(loader.num_workers, len(batches)),
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn, generator=generator)

@@ -116,6 +116,10 @@ class DeviceLoader:
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
+    def with_batches(self, batches: Sized) -> DeviceLoader:
+        """A loader of the same data and augmentation that yields ``batches`` (lists of indices) instead."""
+        return DeviceLoader(self.data, batches, None, self.seed)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = getattr(self.sampler, "epoch", 0)
         first = getattr(self.sampler, "start", 0) // max(getattr(self.batch_sampler, "batch_size", 1), 1)

@@ -7,13 +7,11 @@ import torch
 from torch import Tensor, nn
 
 from codeq.attach import quantized_layers
-from codeq.compression import MAC_LAYERS, random_ids, single_sample
+from codeq.channels import MAC_LAYERS
 from codeq.convert import convert, plain_copy
 from codeq.errors import ExportError
 from codeq.export.packed import layer_codes
 
-CHECK_BATCH = 8
-CHECK_SEED = 0
 # onnxruntime (or a slimmed model) against the fake-quantized model: max |difference| / max |its output| over a batch.
 RELATIVE_TOLERANCE = 1e-5
 
@@ -62,15 +60,6 @@ def layer_grids(model: nn.Module) -> tuple[dict[str, LayerGrid], dict[str, str]]
             continue
         grids[key] = LayerGrid(codes, step, offset, bits)
     return grids, floats
-
-
-def check_inputs(example: Tensor, count: int = CHECK_BATCH) -> Tensor:
-    """A seeded batch of ``count`` inputs of ``example``'s item shape (``single_sample``): standard-normal float32
-    values, or for an integer ``example`` (token ids) ids of its dtype in the range of its values."""
-    generator = torch.Generator().manual_seed(CHECK_SEED)
-    if not example.is_floating_point():
-        return random_ids(example, count, generator)
-    return torch.randn((count, *single_sample(example).shape[1:]), generator=generator)
 
 
 def exported_inputs(inputs: Tensor) -> Tensor:

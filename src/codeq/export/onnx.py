@@ -32,17 +32,10 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
+from codeq.channels import CHECK_BATCH, check_inputs
 from codeq.compression import EXAMPLE_INPUT, model_size
 from codeq.errors import ExportError, first_line
-from codeq.export.grids import (
-    CHECK_BATCH,
-    RELATIVE_TOLERANCE,
-    LayerGrid,
-    check_inputs,
-    exported_inputs,
-    layer_grids,
-    plain_model,
-)
+from codeq.export.grids import RELATIVE_TOLERANCE, LayerGrid, exported_inputs, layer_grids, plain_model
 from codeq.export.slim import SlimResult, slim_model
 from codeq.io import atomic_write
 

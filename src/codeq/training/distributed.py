@@ -103,6 +103,22 @@ def sync_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def average_batch_norm_statistics(model: nn.Module) -> None:
+    """Replace every BatchNorm layer's running mean and variance by their mean over all processes, the same on every
+    one: after each process re-estimated them on its own batches, the result is the cumulative average over all of
+    those batches (each process used as many)."""
+    if not is_distributed():
+        return
+    buffers = [buffer for module in unwrap(model).modules()
+               if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+               for buffer in (module.running_mean, module.running_var)]
+    if not buffers:
+        return
+    total = all_reduce_sum(torch.cat([buffer.flatten() for buffer in buffers])) / world_size()
+    for buffer, value in zip(buffers, total.split([buffer.numel() for buffer in buffers])):
+        buffer.copy_(value.view_as(buffer))
+
+
 def all_reduce_sum(values: Tensor) -> Tensor:
     """The element-wise sum of ``values`` over all processes (``values`` itself when single-process)."""
     if is_distributed():

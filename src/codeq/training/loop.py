@@ -1,24 +1,35 @@
-"""One epoch of training and one pass of validation."""
+"""One epoch of training, one pass of validation, and the BatchNorm re-estimation between them."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from codeq.attach import quantization_for
+from codeq.bn import batch_inputs, has_batch_norm, recalibrate_bn
+from codeq.data.loaders import statistics_batches
 from codeq.errors import NonFiniteLossError
-from codeq.regularizers import LossTerm
-from codeq.training.distributed import all_reduce_sum, is_main_process, sync_buffers
+from codeq.regularizers import LossTerm, check_loss_value
+from codeq.training.distributed import (
+    all_reduce_sum,
+    average_batch_norm_statistics,
+    is_main_process,
+    rank,
+    sync_buffers,
+    world_size,
+)
 from codeq.training.step_settings import StepSettings
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -148,7 +159,9 @@ def train(
     step_settings: StepSettings | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for one epoch; the loss is ``criterion(output, target) + sum(weight * fn(model, **kwargs))``
-    over the ``(fn, weight, kwargs)`` triples of ``loss_fns``.
+    over the ``(fn, weight, kwargs)`` triples of ``loss_fns``. Each term's value is checked at the first step
+    (``codeq.regularizers.check_loss_value``): anything but a number or a one-element tensor raises LossTermError,
+    and a constant (a number, a tensor no gradient connects to a parameter) is warned about once.
 
     Returns the sample-averaged total ``loss`` and training accuracy ``acc``; with loss terms also
     ``task_loss`` (the criterion's part) and ``loss_<fn name>`` (each weighted term). A ``state`` with
@@ -176,9 +189,15 @@ def train(
             loss = criterion(logits, targets)
         parts = {"task_loss": loss} if loss_fns else {}
         for index, (fn, weight, kwargs) in enumerate(loss_fns or ()):
-            term = weight * fn(model, **kwargs)
+            fn_name = getattr(fn, "__name__", type(fn).__name__)
+            value = fn(model, **kwargs)
+            if step == first_step:
+                check_loss_value(fn_name, value)
+            if not isinstance(value, Tensor):  # a number, warned about above
+                value = torch.tensor(float(value), device=device)
+            term = weight * value
             loss = loss + term
-            name = f"loss_{getattr(fn, '__name__', type(fn).__name__)}"
+            name = f"loss_{fn_name}"
             parts[name if name not in parts else f"{name}_{index}"] = term
         optimizer.zero_grad(set_to_none=True)
         step_settings.backward_and_step(loss, optimizer)
@@ -220,3 +239,38 @@ def validate(
             meter.add(loss, logits, targets)
     progress.close()
     return meter.result()
+
+
+@contextlib.contextmanager
+def generators_untouched(device: torch.device) -> Iterator[None]:
+    """Python's, numpy's and torch's global generators (CPU and ``device``'s) are as they were after the block."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+
+
+def recalibrate(model: nn.Module, train_loader: Iterable, batches: int, batch_size: int, seed: int, epoch: int,
+                step_settings: StepSettings) -> int:
+    """Re-estimate ``model``'s BatchNorm statistics with its quantized weights (``codeq.recalibrate_bn``) on
+    ``batches`` training batches of its own (``codeq.data.loaders.statistics_batches``), prepared as training
+    prepares them (``step_settings``: channels-last, autocast).
+
+    It changes nothing else a run depends on: no parameter, no generator (the batches draw from their own, and
+    augmentation that draws from the global ones is undone), not the training order. With several processes each
+    uses its own batches and all end with the mean of their statistics. ``model`` is the unwrapped eager module.
+
+    Returns:
+        The batches used per process; 0 for a model without BatchNorm (nothing runs).
+    """
+    if not has_batch_norm(model):
+        return 0
+    loader = statistics_batches(train_loader, batches, batch_size, seed, epoch, rank(), world_size())
+    with generators_untouched(step_settings.device), step_settings.autocast():
+        used = recalibrate_bn(model, (step_settings.inputs(batch_inputs(batch)) for batch in loader), batches)
+    average_batch_norm_statistics(model)
+    return used
