@@ -9,6 +9,7 @@ and its checkpoints.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -34,8 +35,10 @@ from codeq.app.checkpoint import (
 from codeq.app.config import TrainConfig, config_differences, config_to_dict, runtime_keys
 from codeq.app.experiment import build_loss_terms, build_model, optimizer_for, run_name, scheduler_for, seed_everything
 from codeq.app.report import write_run_report
+from codeq.app.targets import budget_text, build_budget, check_outcome, describe_budget
 from codeq.app.tracking import RunTracker, rewind_metrics
 from codeq.attach import owns_weight
+from codeq.budget import BudgetController
 from codeq.compression import BopsSettings, CompressionMonitor
 from codeq.data.base import DatasetPair, declared_classes, load_dataset
 from codeq.data.loaders import build_loaders
@@ -76,6 +79,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_terms: list[LossTerm]
     data: DatasetPair | None = field(default=None, repr=False)  # loaded early when the data set declares no classes
+    budget: BudgetController | None = None  # the config's target, checked (TrainingRun builds the run's own)
 
     @property
     def resolved(self) -> dict[str, Any]:
@@ -105,8 +109,10 @@ def prepare(config: TrainConfig, device: torch.device) -> Setup:
     model, quantized = build_model(config, num_classes)
     model.to(device)
     optimizer = optimizer_for(model, config)
-    return Setup(config, device, run_name(config, distributed.world_size()), num_classes, model, quantized,
-                 optimizer, scheduler_for(optimizer, config), build_loss_terms(config), data)
+    setup = Setup(config, device, run_name(config, distributed.world_size()), num_classes, model, quantized,
+                  optimizer, scheduler_for(optimizer, config), build_loss_terms(config), data)
+    setup.budget = build_budget(setup, total_steps=1)
+    return setup
 
 
 @dataclass
@@ -217,6 +223,7 @@ def describe(setup: Setup, start: Start) -> str:
     terms = [f"{term.weight:g} * {spec.name}({', '.join(f'{k}={v}' for k, v in term.kwargs.items())})"
              for term, spec in zip(setup.loss_terms, config.loss_terms)]
     lines.append(f"loss terms: {' + '.join(terms) if terms else 'none'}")
+    lines += describe_budget(setup.budget)
     warning = dz_collapse_warning(config, None)
     if warning:
         lines.append(f"warning:    {warning}")
@@ -303,6 +310,8 @@ class TrainingRun:
         self.step_settings = StepSettings(setup.device, config.amp, config.channels_last)
         self.epoch, self.global_step, self.best_val_acc = 0, 0, 0.0
         self.epoch_state, wandb_id = EpochState(), None
+        self.budget = build_budget(setup, config.epochs * len(self.train_loader), self.val_loader.dataset[0][0],
+                                   sync=functools.partial(distributed.broadcast_value, device=setup.device))
         if checkpoint is not None:
             self.restore(checkpoint, start.path)
             wandb_id = checkpoint["wandb_id"]
@@ -327,6 +336,8 @@ class TrainingRun:
         self.epoch, self.global_step = checkpoint["epoch"], checkpoint["step"]
         self.best_val_acc = checkpoint["best_val_acc"]
         self.epoch_state = EpochState(checkpoint["epoch_step"], **checkpoint["epoch_sums"])
+        if self.budget is not None:
+            self.budget.load_state_dict(checkpoint["budget"])
         if not distributed.is_main_process():  # the sums are totals over all processes: count them once
             self.epoch_state = EpochState(checkpoint["epoch_step"])
         log.info("resuming %s at epoch %d, step %d of it", path, self.epoch + 1, self.epoch_state.step)
@@ -341,6 +352,7 @@ class TrainingRun:
             "config": self.resolved, "run_name": setup.name, "num_classes": setup.num_classes,
             "rng": rng_state(self.generator),
             "grad_scaler": scaler.state_dict() if scaler is not None else None, "wandb_id": self.tracker.wandb_id,
+            "budget": self.budget.state_dict() if self.budget is not None else None,
         }
 
     def save(self, best: bool = False) -> None:
@@ -366,7 +378,8 @@ class TrainingRun:
         try:
             metrics = train(self.train_loader, self.train_model, self.criterion, self.setup.optimizer, epoch,
                             self.setup.device, self.setup.loss_terms, log_interval=config.log_interval,
-                            state=self.epoch_state, stop=self.stop, step_settings=self.step_settings)
+                            state=self.epoch_state, stop=self.stop, step_settings=self.step_settings,
+                            after_step=self.budget.step if self.budget is not None else None)
         except NonFiniteLossError as error:
             last = self.run_dir / LAST_CHECKPOINT
             kept = (f"the last good checkpoint {last} (epoch {self.epoch}) is untouched" if last.is_file()
@@ -382,6 +395,7 @@ class TrainingRun:
         checkpoint when a stop signal arrived."""
         setup, config = self.setup, self.setup.config
         compression: dict[str, float] = {}
+        record: dict[str, Any] = {}
         for epoch in range(self.epoch + 1, config.epochs + 1):
             if self.stop.anywhere():
                 self.preempt()
@@ -396,17 +410,18 @@ class TrainingRun:
             compression = self.compression_monitor.epoch_metrics(BopsSettings.of(self.resolved))
             parts = {name: value for name, value in train_metrics.items() if name not in ("loss", "acc")}
             record = {"epoch": epoch, "loss": train_metrics["loss"], **parts, "train_acc": train_metrics["acc"],
-                      "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"], "lr": lr, **compression}
+                      "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"], "lr": lr, **compression,
+                      **(self.budget.record() if self.budget is not None else {})}
             self.tracker.log(record)
             warn_if_collapsed(record, setup.num_classes)
             improved = val_metrics["acc"] > self.best_val_acc
             self.best_val_acc = max(self.best_val_acc, val_metrics["acc"])
             self.epoch, self.epoch_state = epoch, EpochState()
             self.save(best=improved)
-            log.info("epoch %d/%d loss %.4f%s train_acc %.4f val_acc %.4f%s", epoch, config.epochs, record["loss"],
+            log.info("epoch %d/%d loss %.4f%s train_acc %.4f val_acc %.4f%s%s", epoch, config.epochs, record["loss"],
                      "".join(f" {name} {value:.4f}" for name, value in parts.items()), record["train_acc"],
                      record["val_acc"], f" sparsity {compression['sparsity']:.4f} bits {compression['mean_bits']:.2f}"
-                     if compression else "")
+                     if compression else "", budget_text(record, self.budget))
         if self.stop.anywhere() and self.epoch < config.epochs:
             self.preempt()
         if distributed.is_main_process():
@@ -415,6 +430,7 @@ class TrainingRun:
         sparsity = f" | sparsity {compression['sparsity']:.2%}" if compression else ""
         if distributed.is_main_process():
             print(f"run directory: {self.run_dir} | best val_acc {self.best_val_acc:.2%}{sparsity}")
+        check_outcome(self.budget, record.get("val_acc"), setup.num_classes, self.run_dir, self.epoch)
         return self.run_dir
 
     def close(self) -> None:
