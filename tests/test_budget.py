@@ -83,7 +83,8 @@ def test_the_controller_brings_a_lagging_plant_to_the_target(scale):
 def test_the_target_in_force_follows_the_ramp_and_the_pressure_rises_while_behind_it():
     model = small_model()
     optimizer = adamw(model, lr=1e-4, dz_decay=1.0)
-    budget = BudgetController(model, 200, optimizer, sparsity=0.8, ramp=0.5, interval=10)
+    budget = BudgetController(model, 200, optimizer, sparsity=0.8, ramp=0.5, interval=10, proportional_gain=1.0,
+                              integral_gain=30.0)
     plant = LaggingPlant(lambda: dz_decay(optimizer), rate=0.002)  # far too slow to follow
 
     pressures = [p["dz.weight_decay"] for p in drive(budget, plant, 60)]

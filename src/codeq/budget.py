@@ -29,10 +29,11 @@ RELATIVE_TOLERANCE = ("rel_bops", "size_bytes")
 # gains and the range of the pressure factor (docs/budget.md: chosen on digits with ResNet-20 and an MLP, fixed and
 # learnable bit-widths, AdamW and SGD, decay and loss-term pressure).
 RAMP = 0.5
-UPDATES = 200
-PROPORTIONAL_GAIN = 1.0
-INTEGRAL_GAIN = 100.0
+UPDATES = 1000
+PROPORTIONAL_GAIN = 5.0
+INTEGRAL_GAIN = 300.0
 MAX_FACTOR = 1000.0
+HORIZON = 0.05
 # A pressure is never raised so far that it alone shrinks a logit by more than this share in one step: AdamW's
 # decoupled decay (and SGD's) multiplies a logit by (1 - lr x weight_decay), which flips its sign beyond 1.
 MAX_SHRINK = 0.05
@@ -207,16 +208,19 @@ class BudgetController:
     compressed size (docs/budget.md).
 
     Call ``step()`` once after every optimizer step (or once per epoch, with ``total_steps`` counted in epochs).
-    Every ``interval`` calls it measures the model (as ``codeq.compression_report`` counts it), compares it with
-    the target in force (the cubic ramp from the starting value to the budget over the first ``ramp`` of the calls)
-    and scales every pressure ``p`` to ``p_start · exp(u)``, with
+    Every ``interval`` calls it measures the model as ``codeq.compression_report`` counts it and scales every
+    pressure to ``p_start · exp(u)``. With c the cost the pressure lowers (1 - sparsity, Rel. BOPs or bytes), t the
+    share of ``total_steps`` done and H the ``horizon``:
 
-        e_n = ln(c_n / c*_n)                                          (c: 1 - sparsity, Rel. BOPs or bytes)
-        u_n = clip(u_{n-1} + K_P (e_n - e_{n-1}) + K_I e_n Δt_n,  -ln F, min(ln F, ln(ceiling / p_start)))
+        c*(t) = c_f + (c_0 - c_f) (1 - t / ramp)^3 until ``ramp``, then c_f        (Zhu & Gupta 2017, Eq. 1)
+        g_n   = g_{n-1} + Δt_n / (H/2 + Δt_n) · ((ln c_n - ln c_{n-1}) / Δt_n - g_{n-1})   (the trend of ln c)
+        e_n   = ln c_n + H g_n - ln c*(t_n + H)                        (where the model and the ramp will be)
+        u_n   = clip(u_{n-1} + K_P (e_n - e_{n-1}) + K_I e_n Δt_n,  -ln F,  min(ln F, ln(ceiling / p_start)))
 
-    where ``Δt_n`` is the share of ``total_steps`` since the last update (so the gains mean the same for any run
-    length), ``F`` is ``max_factor`` and a decay's ceiling keeps one step's shrink below MAX_SHRINK. The log makes
-    one update the same relative change for a weight decay of 5 or a λ of 0.02, on any model.
+    ``Δt_n`` is the share of ``total_steps`` since the last update, so the gains mean the same for any run length;
+    the log makes an update the same relative change for a weight decay of 5 or a λ of 0.02, on any model; F is
+    ``max_factor``, and a decay's ceiling keeps what one step removes from a logit below MAX_SHRINK. Looking H
+    ahead eases the pressure before the model overshoots: a dead zone widened too far narrows again only slowly.
 
     Args:
         model: the model after ``codeq.prepare`` (learnable dead zones).
@@ -229,17 +233,18 @@ class BudgetController:
             (0..1), the Rel. BOPs (a fraction, paper Eqs. 20-22), or the compressed size in bytes.
         example_input: one input ``[C, H, W]`` (or a batch), needed for ``rel_bops`` (MACs are counted once).
         ramp: the share of ``total_steps`` over which the target moves from the starting value to the budget.
-        interval: calls between control updates; None: ``total_steps / 200``, at least 1.
+        interval: calls between updates; None: ``total_steps / UPDATES`` (1000), at least 1.
         proportional_gain, integral_gain: K_P and K_I above.
+        horizon: H above, a share of ``total_steps`` (0: no look-ahead).
         max_factor: the pressure stays within ``p_start / max_factor .. p_start · max_factor``.
         activation_bits, fp_weight_bits: how Rel. BOPs are counted (as in ``compression_report``).
         sync: maps a measured value to the one every process uses (under DDP: rank 0's, broadcast), so that all
             processes take the same decision.
 
     Raises:
-        BudgetError: no target or several, a value out of range, no quantizer or dead-zone pressure, ``rel_bops``
-            without ``example_input`` or for a model without counted MACs, or a budget beyond what the widest dead
-            zones (and the narrowest bit-widths, when pressed) give.
+        BudgetError: no target or several, a value or setting out of range, no quantizer or dead-zone pressure,
+            ``rel_bops`` without ``example_input`` or for a model without counted MACs, or a budget beyond what
+            the widest dead zones (and the narrowest bit-widths, when pressed) give.
 
     Examples:
         >>> budget = codeq.BudgetController(model, total_steps=epochs * len(loader), optimizer=optimizer,
@@ -249,7 +254,8 @@ class BudgetController:
         ...         loss = criterion(model(inputs), targets)
         ...     optimizer.zero_grad(); loss.backward(); optimizer.step()
         ...     budget.step()
-        >>> budget.achieved, budget.pressures["dz.weight_decay"]
+        >>> budget.achieved, budget.pressure_values()
+        (0.9031, {'dz.weight_decay': 0.29})
     """
 
     def __init__(self, model: nn.Module, total_steps: int, optimizer: torch.optim.Optimizer | None = None,
@@ -257,16 +263,18 @@ class BudgetController:
                  rel_bops: float | None = None, size_bytes: float | None = None,
                  example_input: Tensor | None = None, ramp: float = RAMP, interval: int | None = None,
                  proportional_gain: float = PROPORTIONAL_GAIN, integral_gain: float = INTEGRAL_GAIN,
-                 max_factor: float = MAX_FACTOR, activation_bits: int = 32, fp_weight_bits: int = 32,
-                 sync: Callable[[float], float] | None = None) -> None:
+                 horizon: float = HORIZON, max_factor: float = MAX_FACTOR, activation_bits: int = 32,
+                 fp_weight_bits: int = 32, sync: Callable[[float], float] | None = None) -> None:
         self.metric, self.final = single_target(sparsity, rel_bops, size_bytes)
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise BudgetError(f"total_steps must be a positive integer, got {total_steps!r}",
                               "pass the number of step() calls the run makes")
-        if not 0 <= ramp <= 1 or max_factor < 1 or proportional_gain < 0 or integral_gain < 0:
-            raise BudgetError(f"ramp {ramp} (0..1), max_factor {max_factor} (>= 1) or a negative gain",
-                              "use the documented ranges")
-        self.model, self.total_steps, self.ramp = model, total_steps, ramp
+        if not (0 <= ramp <= 1 and 0 <= horizon <= 1 and max_factor >= 1 and proportional_gain >= 0
+                and integral_gain >= 0 and (interval is None or interval >= 1)):
+            raise BudgetError(f"a setting is out of range (ramp {ramp}, horizon {horizon}: 0..1; max_factor "
+                              f"{max_factor}: >= 1; gains {proportional_gain}, {integral_gain}: >= 0; interval "
+                              f"{interval}: >= 1)", "use a value in its range")
+        self.model, self.total_steps, self.ramp, self.horizon = model, total_steps, ramp, horizon
         self.interval = interval or max(1, round(total_steps / UPDATES))
         self.gains = (proportional_gain, integral_gain)
         self.max_factor, self.sync = max_factor, sync
@@ -290,8 +298,9 @@ class BudgetController:
         if self.metric == "size_bytes":  # what the size adds to the quantized weights does not change in training
             self.other_bytes = model_size(model).compressed_bytes - quantized_weight_bytes(layer_stats(model))
         self.steps = self.last_update = 0
-        self.log_factor, self.error = 0.0, 0.0
+        self.log_factor = self.error = self.slope = 0.0
         self.start = self.achieved = self.measure()
+        self.level = math.log(max(cost(self.metric, self.start), COST_FLOOR))
         self.saturated_since: int | None = None
         self.limit, self.least = self.value_at_logits(0.0), self.value_at_logits(OPEN_LOGIT)
         self.check_reach()
@@ -382,12 +391,17 @@ class BudgetController:
         return True
 
     def update(self, measured: float) -> None:
-        """The proportional-integral update of ``u`` for ``measured`` against the target in force."""
+        """The update of ``u`` for ``measured``: the model's cost extrapolated ``horizon`` ahead along its trend
+        against the ramp's target that much later (see the class docstring)."""
         self.achieved = measured
-        target = self.target
-        error = math.log(max(cost(self.metric, measured), COST_FLOOR) / max(cost(self.metric, target), COST_FLOOR))
-        proportional, integral = self.gains
+        level = math.log(max(cost(self.metric, measured), COST_FLOOR))
         elapsed = (self.steps - self.last_update) / self.total_steps
+        if self.horizon > 0:  # the trend of ln c, smoothed over half the horizon
+            self.slope += elapsed / (self.horizon / 2 + elapsed) * ((level - self.level) / elapsed - self.slope)
+        self.level = level
+        ahead = cubic_ramp(self.start, self.final, self.steps / self.total_steps + self.horizon, self.ramp)
+        error = level + self.horizon * self.slope - math.log(max(cost(self.metric, ahead), COST_FLOOR))
+        proportional, integral = self.gains
         wanted = self.log_factor + proportional * (error - self.error) + integral * error * elapsed
         low, high = self.bounds()
         self.log_factor = min(max(wanted, low), high)
@@ -424,9 +438,9 @@ class BudgetController:
     def state_dict(self) -> dict[str, Any]:
         """Everything ``load_state_dict`` needs to continue exactly (plain Python values)."""
         return {"steps": self.steps, "last_update": self.last_update, "log_factor": self.log_factor,
-                "error": self.error, "start": self.start, "achieved": self.achieved,
-                "saturated_since": self.saturated_since, "start_pressures": dict(self.start_pressures),
-                "metric": self.metric, "final": self.final}
+                "error": self.error, "slope": self.slope, "level": self.level, "start": self.start,
+                "achieved": self.achieved, "saturated_since": self.saturated_since,
+                "start_pressures": dict(self.start_pressures), "metric": self.metric, "final": self.final}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s output: counters, factor, ramp start; the pressures are set again.
@@ -441,6 +455,7 @@ class BudgetController:
                               f"{', '.join(self.start_pressures)}", "load it into a controller of the same target")
         self.steps, self.last_update = int(state["steps"]), int(state["last_update"])
         self.log_factor, self.error = float(state["log_factor"]), float(state["error"])
+        self.slope, self.level = float(state["slope"]), float(state["level"])
         self.start, self.achieved = float(state["start"]), float(state["achieved"])
         self.saturated_since = state["saturated_since"]
         self.start_pressures = {name: float(value) for name, value in state["start_pressures"].items()}

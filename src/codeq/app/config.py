@@ -140,6 +140,9 @@ class TargetConfig(Section):
                                      "pressure factor")
     integral_gain: float = Field(budget.INTEGRAL_GAIN, ge=0, description="K_I of the update of the log pressure "
                                  "factor, per run")
+    horizon: float = Field(budget.HORIZON, ge=0, le=1, description="share of the training steps the update looks "
+                           "ahead: it compares the measured value, extrapolated along its recent trend, with the "
+                           "target in force that much later, so the pressure eases before an overshoot")
     max_factor: float = Field(budget.MAX_FACTOR, ge=1, description="the pressure stays within its starting value "
                               "divided or multiplied by this")
 

@@ -35,7 +35,7 @@ def build_budget(setup: Any, total_steps: int, example: Tensor | None = None,
             setup.model, total_steps, setup.optimizer, setup.loss_terms, **{target.metric: target.value},
             example_input=example_input(setup.resolved) if example is None else example, ramp=target.ramp,
             interval=target.interval, proportional_gain=target.proportional_gain,
-            integral_gain=target.integral_gain, max_factor=target.max_factor,
+            integral_gain=target.integral_gain, max_factor=target.max_factor, horizon=target.horizon,
             activation_bits=report.activation_bits, fp_weight_bits=report.fp_weight_bits, sync=sync)
     except BudgetError as error:
         raise ConfigError(f"target.{target.metric}", error.problem, error.fix) from None
