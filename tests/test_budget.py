@@ -122,6 +122,24 @@ def test_a_budget_the_plant_cannot_reach_saturates_the_pressure_and_says_so():
     verdict = budget.verdict(plant.sparsity)
     assert verdict.startswith("target sparsity 0.9000 missed: the model ends at 0.6000 (allowed 0.8900..0.9100); "
                               "the pressure was at its ceiling (dz.weight_decay 50, x50 the start) from step ")
+    assert verdict.endswith("train longer, give the pressed logits a higher lr or lower the target")
+
+
+def test_a_budget_the_plant_overshoots_without_pressure_takes_the_pressure_to_its_floor():
+    model = small_model()
+    optimizer = adamw(model, lr=1e-3, dz_decay=1.0)
+    budget = BudgetController(model, 300, optimizer, sparsity=0.5, max_factor=100.0)
+    plant = LaggingPlant(lambda: dz_decay(optimizer) + 3.0)  # 0.75 sparse at no pressure
+
+    drive(budget, plant, 300)
+
+    assert dz_decay(optimizer) == pytest.approx(0.01)
+    verdict = budget.verdict(plant.sparsity)
+    assert verdict.startswith(f"target sparsity 0.5000 missed: the model ends at {plant.sparsity:.4f} (allowed "
+                              f"0.4900..0.5100); the pressure was at its floor (dz.weight_decay 0.01, x0.01 the start) "
+                              f"from step ")
+    assert verdict.endswith(" on: the dead zones widen without it; give the pressed logits a lower lr or raise the "
+                            "target")
 
 
 def test_sgd_and_a_loss_term_pressure_are_bounded_by_their_step():
@@ -177,6 +195,18 @@ def test_state_dict_round_trip_continues_exactly():
     assert head + tail == whole
     assert second.state_dict() == reference.state_dict()
     assert all(isinstance(value, (int, float, str, dict, type(None))) for value in state.values())
+
+
+def test_pressures_follow_an_optimizer_whose_state_is_loaded_after_the_controller_is_built():
+    model = small_model()
+    optimizer = adamw(model, dz_decay=1.0)
+    saved = adamw(model, dz_decay=4.0).state_dict()
+    budget = BudgetController(model, 10, optimizer, sparsity=0.5)
+    optimizer.load_state_dict(saved)  # new group dicts, as a resumed run's optimizer gets them
+    budget.log_factor = math.log(3.0)
+    budget.apply()
+    assert dz_decay(optimizer) == pytest.approx(3.0) and budget.pressure_values()["dz.weight_decay"] == \
+        dz_decay(optimizer)
 
 
 def test_a_state_of_another_target_is_refused():

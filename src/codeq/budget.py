@@ -34,6 +34,9 @@ PROPORTIONAL_GAIN = 5.0
 INTEGRAL_GAIN = 300.0
 MAX_FACTOR = 1000.0
 HORIZON = 0.05
+DEAD_BAND = 0.02
+GAIN_CUT = 0.5
+GAIN_RECOVERY = 1.05
 # A pressure is never raised so far that it alone shrinks a logit by more than this share in one step: AdamW's
 # decoupled decay (and SGD's) multiplies a logit by (1 - lr x weight_decay), which flips its sign beyond 1.
 MAX_SHRINK = 0.05
@@ -111,16 +114,19 @@ def step_share(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float
 
 def group_pressure(optimizer: torch.optim.Optimizer, name: str, logits: str) -> Pressure | None:
     """The weight decay of ``optimizer``'s group ``name`` (as ``codeq.param_groups`` names them) as a pressure on
-    ``logits``; None when there is no such group or its decay is 0."""
-    group = next((group for group in optimizer.param_groups if group.get("name") == name), None)
-    if group is None or not group.get("weight_decay"):
+    ``logits``; None when there is no such group or its decay is 0. The group is looked up at every use:
+    ``optimizer.load_state_dict`` replaces the group dicts."""
+    def group() -> dict[str, Any]:
+        return next(group for group in optimizer.param_groups if group.get("name") == name)
+
+    if not any(group.get("name") == name and group.get("weight_decay") for group in optimizer.param_groups):
         return None
 
     def assign(value: float) -> None:
-        group["weight_decay"] = value
+        group()["weight_decay"] = value
 
-    return Pressure(f"{name}.weight_decay", logits, lambda: group["weight_decay"], assign,
-                    lambda: step_share(optimizer, group))
+    return Pressure(f"{name}.weight_decay", logits, lambda: group()["weight_decay"], assign,
+                    lambda: step_share(optimizer, group()))
 
 
 def loss_term_pressure(loss_terms: MutableSequence[LossTerm], index: int, logits: str,
@@ -299,6 +305,7 @@ class BudgetController:
             self.other_bytes = model_size(model).compressed_bytes - quantized_weight_bytes(layer_stats(model))
         self.steps = self.last_update = 0
         self.log_factor = self.error = self.slope = 0.0
+        self.gain_scale, self.sign = 1.0, 0
         self.start = self.achieved = self.measure()
         self.level = math.log(max(cost(self.metric, self.start), COST_FLOOR))
         self.saturated_since: int | None = None
@@ -401,7 +408,12 @@ class BudgetController:
         self.level = level
         ahead = cubic_ramp(self.start, self.final, self.steps / self.total_steps + self.horizon, self.ramp)
         error = level + self.horizon * self.slope - math.log(max(cost(self.metric, ahead), COST_FLOOR))
-        proportional, integral = self.gains
+        if abs(error) > DEAD_BAND:  # a clear sign: opposite to the last clear one, the model overshot
+            sign = 1 if error > 0 else -1
+            overshot = sign == -self.sign
+            self.gain_scale = GAIN_CUT * self.gain_scale if overshot else min(1.0, GAIN_RECOVERY * self.gain_scale)
+            self.sign = sign
+        proportional, integral = (self.gain_scale * gain for gain in self.gains)
         wanted = self.log_factor + proportional * (error - self.error) + integral * error * elapsed
         low, high = self.bounds()
         self.log_factor = min(max(wanted, low), high)
@@ -420,27 +432,31 @@ class BudgetController:
                 **{f"pressure/{name}": value for name, value in self.pressure_values().items()}}
 
     def verdict(self, value: float | None = None) -> str | None:
-        """None when ``value`` (default: measured now) meets the budget; else one sentence saying what was reached
-        and why not more (the pressure at its bound, and since when)."""
+        """None when ``value`` (default: measured now) meets the budget; else one sentence: what was reached, why not
+        the budget (the pressure at a bound, since when) and what to change."""
         value = self.measure() if value is None else value
         if within_tolerance(self.metric, value, self.final):
             return None
         text = (f"target {self.metric} {value_text(self.metric, self.final)} missed: the model ends at "
                 f"{value_text(self.metric, value)} (allowed {tolerance_text(self.metric, self.final)})")
-        if self.saturated_since is not None:
-            pressures = ", ".join(f"{name} {value:.4g}" for name, value in self.pressure_values().items())
-            bound = "ceiling" if self.log_factor > 0 else "floor"
-            text += (f"; the pressure was at its {bound} ({pressures}, x{self.factor:.3g} the start) from step "
-                     f"{self.saturated_since} of {self.total_steps} on, and the model at most gives "
-                     f"{value_text(self.metric, self.limit)}")
-        return text
+        if self.saturated_since is None:
+            return f"{text}; train longer"
+        pressures = ", ".join(f"{name} {value:.4g}" for name, value in self.pressure_values().items())
+        since = f"({pressures}, x{self.factor:.3g} the start) from step {self.saturated_since} of {self.total_steps} on"
+        if self.error > 0:
+            return (f"{text}; the pressure was at its ceiling {since}, and the dead zones did not widen in time (at "
+                    f"their widest: {self.metric} {value_text(self.metric, self.limit)}); train longer, give the "
+                    f"pressed logits a higher lr or lower the target")
+        return (f"{text}; the pressure was at its floor {since}: the dead zones widen without it; give the pressed "
+                f"logits a lower lr or raise the target")
 
     def state_dict(self) -> dict[str, Any]:
         """Everything ``load_state_dict`` needs to continue exactly (plain Python values)."""
         return {"steps": self.steps, "last_update": self.last_update, "log_factor": self.log_factor,
-                "error": self.error, "slope": self.slope, "level": self.level, "start": self.start,
-                "achieved": self.achieved, "saturated_since": self.saturated_since,
-                "start_pressures": dict(self.start_pressures), "metric": self.metric, "final": self.final}
+                "error": self.error, "slope": self.slope, "level": self.level, "gain_scale": self.gain_scale,
+                "sign": self.sign, "start": self.start, "achieved": self.achieved,
+                "saturated_since": self.saturated_since, "start_pressures": dict(self.start_pressures),
+                "metric": self.metric, "final": self.final}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``'s output: counters, factor, ramp start; the pressures are set again.
@@ -456,6 +472,7 @@ class BudgetController:
         self.steps, self.last_update = int(state["steps"]), int(state["last_update"])
         self.log_factor, self.error = float(state["log_factor"]), float(state["error"])
         self.slope, self.level = float(state["slope"]), float(state["level"])
+        self.gain_scale, self.sign = float(state["gain_scale"]), int(state["sign"])
         self.start, self.achieved = float(state["start"]), float(state["achieved"])
         self.saturated_since = state["saturated_since"]
         self.start_pressures = {name: float(value) for name, value in state["start_pressures"].items()}

@@ -74,7 +74,7 @@ def check_outcome(budget: BudgetController | None, val_acc: float | None, num_cl
     where = f"run directory {run_dir}, last checkpoint {run_dir / LAST_CHECKPOINT} (epoch {epoch})"
     missed = budget.verdict()
     if missed is not None:
-        raise RunFailure(f"{missed}; {where}; lower the target, train longer or give the pressed logits a higher lr")
+        raise RunFailure(f"{missed}; {where}")
     chance = 1 / num_classes
     if val_acc is not None and val_acc <= CHANCE_FACTOR * chance:
         raise RunFailure(f"target {budget.metric} {value_text(budget.metric, budget.final)} was reached only by "
