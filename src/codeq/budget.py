@@ -4,8 +4,9 @@ pressure while the model trains (docs/budget.md has the method, its equations an
 CoDeQ steers compression with its pressure on the quantizers' logits: the weight decay of the ``dz`` optimizer group
 or the paper's λ_dz Σθ_dz² loss term (arXiv 2512.12981, Eq. 16), and with learnable bit-widths their ``bit``
 counterparts (Eq. 19). A ``BudgetController`` scales all of them by one factor ``exp(u)`` and moves ``u`` with a
-proportional-integral update on the log of the compression error, while the target itself ramps from the model's
-starting value to the budget along gradual magnitude pruning's cubic schedule (Zhu & Gupta 2017).
+proportional-integral update on the log of the compression error, looking a little ahead and halving its gains at
+each overshoot, while the target itself ramps from the model's starting value to the budget along gradual magnitude
+pruning's cubic schedule (Zhu & Gupta 2017).
 """
 from __future__ import annotations
 
@@ -221,12 +222,15 @@ class BudgetController:
         c*(t) = c_f + (c_0 - c_f) (1 - t / ramp)^3 until ``ramp``, then c_f        (Zhu & Gupta 2017, Eq. 1)
         g_n   = g_{n-1} + Δt_n / (H/2 + Δt_n) · ((ln c_n - ln c_{n-1}) / Δt_n - g_{n-1})   (the trend of ln c)
         e_n   = ln c_n + H g_n - ln c*(t_n + H)                        (where the model and the ramp will be)
-        u_n   = clip(u_{n-1} + K_P (e_n - e_{n-1}) + K_I e_n Δt_n,  -ln F,  min(ln F, ln(ceiling / p_start)))
+        u_n   = clip(u_{n-1} + γ_n (K_P (e_n - e_{n-1}) + K_I e_n Δt_n),  -ln F,  min(ln F, ln(ceiling / p_start)))
 
     ``Δt_n`` is the share of ``total_steps`` since the last update, so the gains mean the same for any run length;
     the log makes an update the same relative change for a weight decay of 5 or a λ of 0.02, on any model; F is
     ``max_factor``, and a decay's ceiling keeps what one step removes from a logit below MAX_SHRINK. Looking H
     ahead eases the pressure before the model overshoots: a dead zone widened too far narrows again only slowly.
+    γ starts at 1, halves whenever e takes a clear sign (beyond DEAD_BAND) opposite to its last clear one (an
+    overshoot: the sign rule of Rprop, Riedmiller & Braun 1993) and recovers by 5 % an update otherwise, so that
+    fast plants (SGD with momentum) stop oscillating while slow ones keep the gains they need.
 
     Args:
         model: the model after ``codeq.prepare`` (learnable dead zones).
