@@ -3,7 +3,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test bench bench-gpu reference clean
+.PHONY: quickstart test bench bench-gpu paper-mini reference clean
 
 # The package itself, editable, with every extra and the dev tools, at the versions of constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
@@ -19,14 +19,15 @@ test: $(STAMP)  # lint (ruff.toml), then the tests
 	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -q
 
-# The CPU figures of docs/benchmarks.md and docs/deployment.md, ~25 min on 2 cores; run it on an otherwise idle machine.
+# The CPU figures of docs/benchmarks.md and docs/deployment.md, ~35 min on 2 cores; run it on an otherwise idle machine.
+# step_overhead times QAT with learnable and with fixed bit-widths beside FP32 and an identical FP32 copy (noise).
 # The inference benchmark trains its two runs first (once: --resume auto leaves a finished run as it is).
 BENCH_RUN := -m codeq train --set save_dir=runs/bench --resume auto
 bench: $(STAMP)
 	$(PYTHON) bench/absmax.py --repeats 20
 	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 60 --control --json runs/bench/resnet20.json
-	$(PYTHON) bench/step_overhead.py --models resnet18,vit --repeats 20 --json runs/bench/resnet18_vit.json
-	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 30 --compile --json runs/bench/resnet20_compiled.json
+	$(PYTHON) bench/step_overhead.py --models resnet18,vit --repeats 20 --control --json runs/bench/resnet18_vit.json
+	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 30 --compile --control --json runs/bench/resnet20_compiled.json
 	$(PYTHON) $(BENCH_RUN) --config configs/quickstart.yaml --set run_name=quickstart
 	$(PYTHON) $(BENCH_RUN) --config configs/quickstart_group_lasso.yaml --set run_name=group_lasso
 	$(PYTHON) bench/inference.py runs/bench/quickstart runs/bench/group_lasso --threads 1 --repeats 40 \
@@ -43,6 +44,12 @@ bench-gpu: $(STAMP)
 	$(PYTHON) bench/absmax.py --device cuda --repeats 20 --json runs/bench/absmax_cuda.json
 	$(PYTHON) $(GPU_STEPS) --json runs/bench/resnet20_cuda.json
 	$(PYTHON) $(GPU_STEPS) --compile-mode reduce-overhead --json runs/bench/resnet20_cuda_graphs.json
+
+# The paper's protocol in miniature on digits (bench/paper_mini.py), ~15 min on an idle 2-core machine: writes
+# docs/paper-mini.md and docs/paper-mini/ from fresh runs in runs/paper_mini. A quick check of the whole pipeline:
+#   make paper-mini PAPER_MINI_ARGS="--epochs 1 --save-dir /tmp/paper_mini --doc /tmp/paper_mini/paper-mini.md"
+paper-mini: $(STAMP)
+	$(PYTHON) bench/paper_mini.py --fresh $(PAPER_MINI_ARGS)
 
 reference: $(STAMP)  # regenerate README.md's YAML reference from the schema
 	$(PYTHON) -m codeq.app.config --write README.md

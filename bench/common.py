@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +18,13 @@ from codeq.attach import attach_weight_quantizers, latent_weight, quantized_laye
 from codeq.models import create_model
 from codeq.quantizers import DeadZoneLDZCompander
 
-# round(tanh(0.35) * (8 - 2) + 2) = 4 bits to start from.
-QAT_KWARGS = {"fixed_bit_val": 4, "max_bits": 8, "init_bit_logit": 0.35, "learnable_bit": True,
-              "learnable_deadzone": True}
+# The dead-zone quantizer's settings the benchmarks time: 4 bits with a learnable dead zone, the bit-width learnable
+# (round(tanh(0.35) * (8 - 2) + 2) = 4 bits to start from) or fixed.
+QAT_SETTINGS = {
+    "learnable": {"fixed_bit_val": 4, "max_bits": 8, "init_bit_logit": 0.35, "learnable_bit": True,
+                  "learnable_deadzone": True},
+    "fixed": {"fixed_bit_val": 4, "max_bits": 8, "learnable_bit": False, "learnable_deadzone": True},
+}
 
 
 @dataclass
@@ -31,9 +36,10 @@ class BenchModel:
     batch_size: int
     exclude: tuple[str, ...]
 
-    def quantize(self, model: nn.Module) -> nn.Module:
-        """``model`` (one of ``build``'s) with a dead-zone quantizer on every layer but the excluded ones."""
-        attach_weight_quantizers(model, self.exclude, DeadZoneLDZCompander, QAT_KWARGS)
+    def quantize(self, model: nn.Module, bits: str = "learnable") -> nn.Module:
+        """``model`` (one of ``build``'s) with a dead-zone quantizer (``QAT_SETTINGS[bits]``) on every layer but the
+        excluded ones."""
+        attach_weight_quantizers(model, self.exclude, DeadZoneLDZCompander, QAT_SETTINGS[bits])
         return model
 
 
@@ -87,6 +93,16 @@ def timed(run: Callable[[], object], clock: str, synchronize: Callable[[], None]
     if synchronize is not None:
         synchronize()
     return now() - start
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (Linux), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def load_average() -> list[float] | None:

@@ -31,7 +31,7 @@ from codeq.compression import count_macs
 from codeq.export.grids import plain_model
 from codeq.export.onnx import export_onnx, run_session, serialized, session, to_onnx
 from codeq.io import atomic_write
-from common import load_average, timed, write_results
+from common import cpu_name, load_average, timed, write_results
 
 FILES = ("FP32", "CoDeQ", "CoDeQ slim")
 # What is timed: (label, file, weights decoded at load).
@@ -50,16 +50,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench/onnx"), help="where the ONNX files go")
     parser.add_argument("--json", default="runs/bench/inference.json", help="results file")
     return parser.parse_args()
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (Linux), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def write_files(run: Path, out_dir: Path) -> dict[str, dict]:

@@ -1,20 +1,23 @@
 """What QAT costs over FP32: training step and validation batch, measured side by side.
 
     python bench/step_overhead.py [--device cpu|cuda] [--models resnet20,resnet18,vit] [--threads N]
-                                  [--repeats 30] [--train-steps 1] [--val-batches 10] [--control]
-                                  [--amp bf16] [--channels-last] [--compile [--compile-mode MODE]]
+                                  [--bits learnable,fixed] [--repeats 30] [--train-steps 1] [--val-batches 10]
+                                  [--control] [--amp bf16] [--channels-last] [--compile [--compile-mode MODE]]
                                   [--clock wall|cpu] [--json PATH]
 
-For each model an FP32 network and a copy with CoDeQ dead-zone quantizers (learnable bit-width
-and dead zone starting at 4 bits, norm layers FP32) run the project's own ``train`` and
-``validate`` on the same random batches held on the device. Each repeat times every variant once
-(``--train-steps`` training steps, then a validation pass of ``--val-batches`` batches, which
-computes the quantized weights once), in a new seeded random order, so slow drifts and whatever
-the previous variant left in caches hit all of them alike. Each repeat gives a paired ratio
-QAT/FP32; the table shows the median ratio with a bootstrap 95 % confidence interval. Many short
-repeats beat few long ones here: single steps on a shared machine scatter by +-10 %.
-``--control`` adds a second, identical FP32 network, whose ratio to the first shows what the
-noise alone makes of two equal costs. The last line printed is the worst median ratio.
+For each model an FP32 network and copies with CoDeQ dead-zone quantizers (4 bits with a learnable
+dead zone; the bit-width learnable from 4 bits and/or fixed at 4: ``--bits``; norm layers FP32) run
+the project's own ``train`` and ``validate`` on the same random batches held on the device, each
+with its optimizer as a run builds it (AdamW over ``codeq.param_groups``, fused where torch can).
+Each repeat times every variant once (``--train-steps`` training steps, then a validation pass of
+``--val-batches`` batches, which computes the quantized weights once), in a new seeded random order,
+so slow drifts and whatever the previous variant left in caches hit all of them alike. Each repeat
+gives a paired ratio QAT/FP32; the table shows the median ratio with a bootstrap 95 % confidence
+interval. Many short repeats beat few long ones here: single steps on a shared machine scatter by
++-10 %. ``--control`` adds a second, identical FP32 network, whose ratio to the first shows what the
+noise alone makes of two equal costs. BatchNorm re-estimation (``codeq.recalibrate_bn``, 5 batches,
+a step of its own before each validation of a run) is timed beside them and shown in FP32 training
+steps. The last line printed is the worst median ratio.
 """
 from __future__ import annotations
 
@@ -31,13 +34,15 @@ import torch
 from torch import nn
 
 from codeq.attach import quantized_layers, weights_quantized_once
-from codeq.optim import fused_option
+from codeq.bn import recalibrate_bn
+from codeq.optim import fused_option, param_groups
 from codeq.training.loop import train, validate
 from codeq.training.memory import keep_freed_memory
 from codeq.training.step_settings import StepSettings
 from common import (
     CLOCKS,
     MODELS,
+    QAT_SETTINGS,
     BenchModel,
     load_average,
     model_names,
@@ -46,6 +51,18 @@ from common import (
     write_results,
 )
 
+# BatchNorm re-estimation takes this many training batches, as runs do by default.
+RECALIBRATION_BATCHES = 5
+
+
+def bit_settings(text: str) -> list[str]:
+    """``--bits``: comma-separated keys of QAT_SETTINGS (an argparse type)."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in QAT_SETTINGS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown --bits {unknown[0]!r}: choose from {', '.join(QAT_SETTINGS)}")
+    return names
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", type=model_names, default="resnet20,resnet18",
                         help=f"comma-separated from {', '.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    parser.add_argument("--bits", type=bit_settings, default="learnable,fixed",
+                        help=f"QAT variants, comma-separated from {', '.join(QAT_SETTINGS)}")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--train-steps", type=int, default=1, help="training steps per variant and repeat")
     parser.add_argument("--val-batches", type=int, default=10, help="batches per validation pass")
@@ -74,8 +93,9 @@ class Variant:
     def __init__(self, model: nn.Module, settings: StepSettings, compile_model: bool, mode: str | None) -> None:
         self.model = settings.prepare_model(model)
         self.forward_model = torch.compile(model, mode=mode) if compile_model else model
-        # Fused where the runs' optimizer is (build_optimizer).
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused_option(torch.optim.AdamW, model))
+        # As a run builds it (build_optimizer): base, dz and bit groups, fused where torch has the kernel.
+        groups = param_groups(model, base={"lr": 1e-4}, dz={"lr": 1e-4, "weight_decay": 5.0}, bit={"lr": 1e-4})
+        self.optimizer = torch.optim.AdamW(groups, **fused_option(torch.optim.AdamW, model))
         self.settings = settings
         self.criterion = nn.CrossEntropyLoss()
 
@@ -132,10 +152,12 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     spec = MODELS[name]
     torch.manual_seed(0)
     fp32_model = spec.build().to(device)
-    models = {"fp32": fp32_model, "qat": copy.deepcopy(fp32_model)}
+    models = {"fp32": fp32_model}
     if args.control:
         models["fp32_copy"] = copy.deepcopy(fp32_model)
-    spec.quantize(models["qat"])
+    qat = [f"qat_{bits}" for bits in args.bits]
+    for bits, key in zip(args.bits, qat):
+        models[key] = spec.quantize(copy.deepcopy(fp32_model), bits)
     settings = StepSettings(device, args.amp, args.channels_last)
     variants = {key: Variant(model, settings, args.compile, args.compile_mode) for key, model in models.items()}
     train_batches = random_batches(args.train_steps, spec, device)
@@ -143,11 +165,13 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     for variant in variants.values():  # kernels, allocator and compilation warm up
         variant.train(train_batches[:1])
         variant.validate(val_batches[:2])
-    quantizers = QuantizerPass(models["qat"])
-    quantizers.train()
+    quantizers = {key: QuantizerPass(models[key]) for key in qat}
+    recalibration_batches = random_batches(RECALIBRATION_BATCHES, spec, device)
     phases = {"train": (lambda key: variants[key].train(train_batches), args.train_steps),
               "val": (lambda key: variants[key].validate(val_batches), args.val_batches)}
-    times = {phase: {key: [] for key in (*variants, "quantizers")} for phase in phases}
+    times = {phase: {key: [] for key in variants} for phase in phases}
+    alone = {phase: {key: [] for key in qat} for phase in phases}
+    recalibration = {key: [] for key in qat}
     order = list(variants)
     rng = random.Random(0)
     sync = synchronizer(device)
@@ -156,20 +180,30 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         for phase, (run, units) in phases.items():
             for key in order:
                 times[phase][key].append(timed(lambda: run(key), args.clock, sync) / units)
-        times["train"]["quantizers"].append(timed(quantizers.train, args.clock, sync))
-        times["val"]["quantizers"].append(timed(quantizers.validate, args.clock, sync) / args.val_batches)
-    quantized_weights = sum(p.numel() for n, p in models["qat"].named_parameters() if n.endswith("original"))
-    result = {"batch_size": spec.batch_size, "img_size": spec.img_size, "quantized_weights": quantized_weights}
+        for key in qat:
+            alone["train"][key].append(timed(quantizers[key].train, args.clock, sync))
+            alone["val"][key].append(timed(quantizers[key].validate, args.clock, sync) / args.val_batches)
+            recalibration[key].append(timed(lambda: recalibrate_bn(models[key], recalibration_batches,  # noqa: B023
+                                                                   RECALIBRATION_BATCHES), args.clock, sync))
+    quantized_weights = sum(p.numel() for n, p in models[qat[0]].named_parameters() if n.endswith("original"))
+    result = {"batch_size": spec.batch_size, "img_size": spec.img_size, "quantized_weights": quantized_weights,
+              "recalibration_batches": RECALIBRATION_BATCHES}
     for phase, by_variant in times.items():
         fp32 = by_variant["fp32"]
         entry = result[phase] = {f"{key}_s": values for key, values in by_variant.items()}
         entry |= {f"{key}_median_s": statistics.median(values) for key, values in by_variant.items()}
-        for key in ("qat", "fp32_copy") if args.control else ("qat",):
+        for key in [key for key in by_variant if key != "fp32"]:
             ratios = [other / base for other, base in zip(by_variant[key], fp32)]
             entry[f"{key}_ratios"] = ratios
             entry[f"{key}_ratio"], entry[f"{key}_ratio_low"], entry[f"{key}_ratio_high"] = \
                 median_with_interval(ratios, seed=len(ratios))
-        entry["quantizer_share"] = statistics.median(q / f for q, f in zip(by_variant["quantizers"], fp32))
+        for key in qat:
+            entry[f"{key}_quantizer_share"] = statistics.median(q / f for q, f in zip(alone[phase][key], fp32))
+    for key in qat:
+        result[f"{key}_recalibration_s"] = recalibration[key]
+        result[f"{key}_recalibration_median_s"] = statistics.median(recalibration[key])
+        result[f"{key}_recalibration_train_steps"] = statistics.median(
+            r / f for r, f in zip(recalibration[key], times["train"]["fp32"]))
     return result
 
 
@@ -205,20 +239,29 @@ def main() -> int:
           f"amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} "
           f"{args.compile_mode or ''}| {args.clock} clock{load}")
     control = " | FP32 copy/FP32 (noise)" if args.control else ""
-    print(f"{'model':<9} {'batch':>5} {'phase':<5} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} {'95% CI':>13} "
-          f"{'quantizers alone':>16}{control}")
+    print(f"{'model':<9} {'batch':>5} {'phase':<5} {'QAT bits':<9} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} "
+          f"{'95% CI':>13} {'quantizers alone':>16}{control}")
     worst = (0.0, "")
     for name, result in report["models"].items():
         for phase in ("train", "val"):
             entry = result[phase]
-            line = (f"{name:<9} {result['batch_size']:>5} {phase:<5} {entry['fp32_median_s'] * 1e3:>9.1f} "
-                    f"{entry['qat_median_s'] * 1e3:>9.1f} {entry['qat_ratio']:>8.3f} "
-                    f"{entry['qat_ratio_low']:>6.3f}-{entry['qat_ratio_high']:.3f} {entry['quantizer_share']:>15.1%}")
-            if args.control:
-                line += (f" | {entry['fp32_copy_ratio']:.3f} "
-                         f"({entry['fp32_copy_ratio_low']:.3f}-{entry['fp32_copy_ratio_high']:.3f})")
-            print(line)
-            worst = max(worst, (entry["qat_ratio"], f"{name} {phase}"))
+            for bits in args.bits:
+                key = f"qat_{bits}"
+                line = (f"{name:<9} {result['batch_size']:>5} {phase:<5} {bits:<9} "
+                        f"{entry['fp32_median_s'] * 1e3:>9.1f} "
+                        f"{entry[f'{key}_median_s'] * 1e3:>9.1f} {entry[f'{key}_ratio']:>8.3f} "
+                        f"{entry[f'{key}_ratio_low']:>6.3f}-{entry[f'{key}_ratio_high']:.3f} "
+                        f"{entry[f'{key}_quantizer_share']:>15.1%}")
+                if args.control:
+                    line += (f" | {entry['fp32_copy_ratio']:.3f} "
+                             f"({entry['fp32_copy_ratio_low']:.3f}-{entry['fp32_copy_ratio_high']:.3f})")
+                print(line)
+                worst = max(worst, (entry[f"{key}_ratio"], f"{name} {phase} {bits} bits"))
+        for bits in args.bits:
+            key = f"qat_{bits}"
+            print(f"{name:<9} BatchNorm re-estimation ({bits} bits, {result['recalibration_batches']} batches): "
+                  f"{result[f'{key}_recalibration_median_s'] * 1e3:.1f} ms = "
+                  f"{result[f'{key}_recalibration_train_steps']:.2f} FP32 training steps")
     print(f"results: {path}")
     print(f"worst QAT/FP32 ratio: {worst[0]:.3f} ({worst[1]})")
     return 0

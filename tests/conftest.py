@@ -82,3 +82,53 @@ def image_config(tmp_path: Path, data_dir: Path, **overrides) -> dict:
               "optimizer": {"type": "adamw", "param_groups": {"base": {"lr": 0.003}}}}
     config.update(overrides)
     return config
+
+
+# torchvision's ImageNet weight files the ImageNet configs read: `pretrained: true` (torchvision's default weights)
+# and the paper configs' ResNet-50 IMAGENET1K_V1 file, named by init_from under ~/.cache/torch.
+IMAGENET_WEIGHT_FILES = {"resnet18": ["resnet18-f37072fd.pth"], "resnet50": ["resnet50-11ad3fa6.pth",
+                                                                              "resnet50-0676ba61.pth"]}
+
+
+@pytest.fixture(scope="session")
+def imagenet_weights_home(tmp_path_factory) -> Path:
+    """A home directory whose ``~/.cache/torch/hub/checkpoints`` holds stand-ins for torchvision's ImageNet weights of
+    ResNet-18 and ResNet-50; point HOME at it and TORCH_HOME at its ``.cache/torch`` (``use_weights_home``)."""
+    import torch
+
+    from codeq.models import create_model
+
+    home = tmp_path_factory.mktemp("home")
+    checkpoints = home / ".cache" / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for model, (first, *others) in IMAGENET_WEIGHT_FILES.items():
+        torch.manual_seed(0)
+        torch.save(create_model(model, 1000, 224).state_dict(), checkpoints / first)
+        for other in others:
+            (checkpoints / other).hardlink_to(checkpoints / first)
+    return home
+
+
+@pytest.fixture
+def use_weights_home(imagenet_weights_home, monkeypatch) -> Path:
+    """HOME and TORCH_HOME set to ``imagenet_weights_home`` for one test."""
+    monkeypatch.setenv("HOME", str(imagenet_weights_home))
+    monkeypatch.setenv("TORCH_HOME", str(imagenet_weights_home / ".cache" / "torch"))
+    return imagenet_weights_home
+
+
+@pytest.fixture
+def registries_as_shipped():
+    """What a test's plugins register is gone after it (and their modules, so the next test imports them anew):
+    other test files expect the shipped choices only."""
+    import sys
+
+    from codeq.app.config import REGISTRIES
+
+    saved = [(registry, dict(registry)) for registry in REGISTRIES.values()]
+    yield
+    for registry, entries in saved:
+        dict.clear(registry)
+        dict.update(registry, entries)
+    for name in [name for name in sys.modules if name.startswith("codeq_plugin_")]:
+        del sys.modules[name]

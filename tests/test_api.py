@@ -28,8 +28,9 @@ def test_prepare_quantizes_by_name_kwargs_and_exclusions():
 
 
 def test_prepare_warns_about_quantized_norms_and_names_the_entry():
-    with pytest.warns(UserWarning, match=r"quantizing 1 normalisation layer \(1\).*'type:BatchNorm2d'"):
+    with pytest.warns(UserWarning, match=r"quantizing 1 normalisation layer \(1\).*'type:BatchNorm2d'") as caught:
         codeq.prepare(small_cnn())
+    assert caught[0].filename == __file__  # the user's line, not codeq's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         codeq.prepare(small_cnn(), exclude_layers=["type:BatchNorm2d"])
@@ -38,9 +39,19 @@ def test_prepare_warns_about_quantized_norms_and_names_the_entry():
         codeq.prepare(norms)
 
 
+def test_prepare_warns_about_exclusions_that_match_no_layer():
+    with pytest.warns(UserWarning, match=r"exclude_layers \['type:BatchNorm', 're:\^fc\$'\] match no layer that "
+                                         r"owns a weight, so they exclude nothing") as caught:
+        model = codeq.prepare(small_cnn(), exclude_layers=["type:BatchNorm", "type:BatchNorm2d", "re:^fc$", "5"])
+    assert caught[0].filename == __file__ and len(caught) == 1
+    assert [name for name, _, _ in quantized_layers(model)] == ["0"]
+
+
 @pytest.mark.parametrize(("call", "error", "message"), [
     (lambda: codeq.prepare("model"), TypeError, r"prepare\(model=...\) takes an nn.Module"),
     (lambda: codeq.prepare(small_cnn(), "dedzone"), ValueError, r"prepare\(name='dedzone'\): unknown quantizer"),
+    (lambda: codeq.prepare(small_cnn(), {"fixed_bit_val": 4}), TypeError,
+     r"prepare\(name=...\) takes a quantizer's name such as 'deadzone', got dict; pass its settings as kwargs"),
     (lambda: codeq.prepare(small_cnn(), kwargs={"bits": 4}), ValueError, r"prepare\(kwargs=.*refuses"),
     (lambda: codeq.prepare(small_cnn(), kwargs={"fixed_bit_val": 9}), ValueError, "fixed_bit_val must be in"),
     (lambda: codeq.prepare(small_cnn(), exclude_layers="bn"), TypeError, r"exclude_layers=...\) takes a list"),
@@ -90,8 +101,7 @@ def test_quantized_step_quantizes_each_weight_once_and_picks_the_compiled_path()
     model = codeq.prepare(small_cnn(), exclude_layers=["type:BatchNorm2d"])
     assert quantization_for(model) is weights_quantized_once
     calls = []
-    quantizer = model[0].parametrizations.weight[0].quantizer
-    quantizer.register_forward_hook(lambda *_: calls.append(1))
+    model[0].parametrizations.weight[0].register_forward_hook(lambda *_: calls.append(1))
     with codeq.quantized_step(model):
         model(torch.randn(2, 3, 8, 8))
         model(torch.randn(2, 3, 8, 8))
@@ -123,6 +133,29 @@ def test_compression_report_counts_zeros_bits_bops_and_size():
         codeq.compression_report(model, torch.zeros(3, 8, 8), activation_bits=0)
     with pytest.raises(TypeError, match="example_input"):
         codeq.compression_report(model, [0.0])
+
+
+def test_compression_report_counts_a_transformers_linear_macs_for_one_sequence_of_token_ids():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    hidden, intermediate, layers, labels, length = 16, 32, 2, 3, 10
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=20, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=intermediate, max_position_embeddings=length, num_labels=labels))
+    codeq.prepare(model, exclude_layers=["type:Embedding", "type:LayerNorm", "classifier"])
+    report = codeq.compression_report(model, torch.randint(0, 20, (length,)))  # one item, its ModelOutput probed
+    # Per token and layer: query, key, value, attention output (hidden x hidden), intermediate and output (hidden x
+    # intermediate); the pooler and classifier see the [CLS] token only.
+    per_layer = length * (4 * hidden * hidden + 2 * hidden * intermediate)
+    assert report["macs"] == layers * per_layer + hidden * hidden + hidden * labels
+    rows = {row["name"]: row for row in report["layers"]}
+    assert rows["bert.encoder.layer.0.attention.self.query"]["macs"] == length * hidden * hidden
+    assert rows["classifier"]["macs"] == hidden * labels and not rows["classifier"]["quantized"]
+    assert len(rows) == 6 * layers + 2 and report["rel_bops_structured"] >= report["rel_bops"] > 0
+    with pytest.raises(ValueError, match=r"example_input=...\): the model fails on it as a batch of one \[1, 4, 10\] "
+                                         r"\(ValueError: .*\); pass one input without its batch dimension"):
+        codeq.compression_report(model, torch.randint(0, 20, (4, length)))  # a batch of sequences is no item
 
 
 def test_convert_is_a_plain_copy_with_the_same_outputs():
@@ -162,3 +195,29 @@ def test_dz_l2_and_bit_l2_sum_the_squared_logits():
     assert codeq.bit_l2(fixed).item() == 0.0  # a fixed bit-width is no parameter to press on
     codeq.dz_l2(model).backward()
     assert model[0].parametrizations.weight[0].quantizer.logit_dz.grad.item() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    (lambda: codeq.param_groups(small_cnn().state_dict(), base={}), TypeError,
+     r"param_groups\(model=...\) takes an nn.Module, got OrderedDict"),
+    (lambda: codeq.param_groups(small_cnn(), base=1e-3), TypeError, r"param_groups\(base=...\) takes optimizer "
+     r"options \(a dict, \{'lr': 1e-3\}\) or a list of groups, each a dict with 'params'; got float"),
+    (lambda: codeq.param_groups(small_cnn(), base=[{"lr": 1.0}]), TypeError, r"with 'params'; got \{'lr': 1.0\}"),
+    (lambda: codeq.param_groups(small_cnn(), base={}, dz=5.0), TypeError, r"param_groups\(dz=5.0\): give the "
+     r"group's optimizer options as a dict"),
+    (lambda: codeq.recalibrate_bn(None, []), TypeError, r"recalibrate_bn\(model=...\) takes an nn.Module"),
+    (lambda: codeq.recalibrate_bn(small_cnn(), torch.zeros(4, 3, 8, 8)), TypeError,
+     r"recalibrate_bn\(loader=...\) takes batches .* got one tensor: pass \[inputs\]"),
+    (lambda: codeq.convert("model"), TypeError, r"convert\(model=...\) takes an nn.Module, got str"),
+    (lambda: codeq.export_onnx(small_cnn().state_dict(), torch.zeros(3, 8, 8), "m.onnx"), TypeError,
+     r"export_onnx\(model=...\) takes an nn.Module, got OrderedDict"),
+    (lambda: codeq.export_onnx(small_cnn(), [3, 8, 8], "m.onnx"), TypeError,
+     r"export_onnx\(example_input=...\) takes a tensor"),
+    (lambda: codeq.export_onnx(small_cnn(), torch.zeros(3, 8, 8), "."), ValueError,
+     r"export_onnx\(path='.'\) is a directory: give the .onnx file to write"),
+])
+def test_public_functions_refuse_bad_arguments_by_name(call, error, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        call()
+    assert not any(tmp_path.iterdir())

@@ -3,6 +3,7 @@ import logging
 
 import pytest
 import torch
+from test_quantizer_fast_path import assert_close_gradients
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -76,6 +77,8 @@ def test_forward_and_backward_through_quantized_model():
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["cpu", "grouped-percentiles"])
 def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients(grouped, monkeypatch):
+    """Up front (the dead-zone quantizers together, ``quantize_together``) as at each layer's turn (each quantizer's
+    forward): the same loss bit for bit, the same gradients up to float rounding, one quantization per layer."""
     if grouped:  # the percentiles selected together, as on a GPU
         monkeypatch.setattr(percentile, "selects_alone", lambda weight: False)
     torch.manual_seed(0)
@@ -83,9 +86,9 @@ def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients
     attach_weight_quantizers(model, ["bn"], DeadZoneLDZCompander, {"init_bit_logit": 0.35})
     calls = []
     for _, _, parametrization in quantized_layers(model):
-        parametrization.quantizer.register_forward_hook(lambda module, args, output: calls.append(module))
+        parametrization.register_forward_hook(lambda module, args, output: calls.append(module))
     inputs = torch.randn(2, 3, 16, 16)
-    gradients = []
+    gradients, losses = [], []
     for once in (False, True):
         model.zero_grad(set_to_none=True)
         calls.clear()
@@ -93,14 +96,15 @@ def test_weights_quantized_once_runs_each_quantizer_once_with_the_same_gradients
             loss = model(inputs).square().sum()
             _ = model.conv1.weight  # a second access inside the block is served from the cache
         loss.backward()
-        assert not any(parametrization.absmax_given for _, _, parametrization in quantized_layers(model))
+        assert not any(parametrization.absmax_given or parametrization.output is not None
+                       for _, _, parametrization in quantized_layers(model))
         gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
+        losses.append(loss.detach())
         layers = len(list(quantized_layers(model)))  # 19 convolutions and fc
         assert len(calls) == (layers if once else layers + 1) and len(set(map(id, calls))) == layers == 20
+    assert torch.equal(losses[0], losses[1])
     per_access, up_front = gradients
-    assert per_access.keys() == up_front.keys()
-    for name, grad in per_access.items():
-        assert torch.equal(up_front[name], grad), name
+    assert_close_gradients(up_front, per_access)
     assert torch.count_nonzero(up_front["conv1.parametrizations.weight.0.quantizer.logit_dz"])
 
 

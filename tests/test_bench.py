@@ -18,15 +18,23 @@ def test_step_overhead_times_every_variant_and_ends_with_the_worst_ratio(root, t
                     "--control", "--json", str(tmp_path / "steps.json"))
     result = json.loads((tmp_path / "steps.json").read_text())["models"]["resnet20"]
     assert result["batch_size"] == 128 and result["quantized_weights"] == 268_336
-    ratios = []
+    ratios = {}
     for phase in ("train", "val"):
         entry = result[phase]
-        for key in ("fp32", "qat", "fp32_copy", "quantizers"):
+        for key in ("fp32", "qat_learnable", "qat_fixed", "fp32_copy"):
             assert len(entry[f"{key}_s"]) == 3 and all(seconds > 0 for seconds in entry[f"{key}_s"])
-        assert entry["qat_ratio_low"] <= entry["qat_ratio"] <= entry["qat_ratio_high"]
-        ratios.append(entry["qat_ratio"])
-    worst = re.fullmatch(r"worst QAT/FP32 ratio: (\d+\.\d{3}) \(resnet20 (train|val)\)", out.splitlines()[-1])
-    assert worst and float(worst[1]) == round(max(ratios), 3)
+        for bits in ("learnable", "fixed"):
+            key = f"qat_{bits}"
+            assert entry[f"{key}_ratio_low"] <= entry[f"{key}_ratio"] <= entry[f"{key}_ratio_high"]
+            assert 0 < entry[f"{key}_quantizer_share"]
+            ratios[f"{phase} {bits}"] = entry[f"{key}_ratio"]
+    for bits in ("learnable", "fixed"):
+        assert len(result[f"qat_{bits}_recalibration_s"]) == 3 and result[f"qat_{bits}_recalibration_train_steps"] > 0
+        assert f"BatchNorm re-estimation ({bits} bits, 5 batches)" in out
+    worst = re.fullmatch(r"worst QAT/FP32 ratio: (\d+\.\d{3}) \(resnet20 (train|val) (learnable|fixed) bits\)",
+                         out.splitlines()[-1])
+    assert worst and float(worst[1]) == round(max(ratios.values()), 3)
+    assert ratios[f"{worst[2]} {worst[3]}"] == max(ratios.values())
 
 
 def test_absmax_times_sizes_and_whole_models(root, tmp_path):

@@ -3,29 +3,14 @@ an epoch on a generated JPEG image folder (the data set and sizes overridden, as
 import json
 
 import pytest
-import torch
 
 from codeq.app import cli
-from codeq.models import create_model
 
-WEIGHT_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
 LAYERS = {"resnet18": 21, "resnet50": 54}  # every conv (downsample.0 included) and fc
 
 
-@pytest.fixture(scope="module")
-def torch_home(tmp_path_factory):
-    """A torch cache holding stand-ins for torchvision's ImageNet weights of ResNet-18 and ResNet-50."""
-    home = tmp_path_factory.mktemp("torch_home")
-    (home / "hub" / "checkpoints").mkdir(parents=True)
-    for model, name in WEIGHT_FILES.items():
-        torch.manual_seed(0)
-        torch.save(create_model(model, 1000, 224).state_dict(), home / "hub" / "checkpoints" / name)
-    return home
-
-
-@pytest.mark.parametrize("model", list(WEIGHT_FILES))
-def test_imagenet_config_dry_runs_and_trains_an_epoch(tmp_path, capsys, monkeypatch, torch_home, image_tree, model):
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+@pytest.mark.parametrize("model", list(LAYERS))
+def test_imagenet_config_dry_runs_and_trains_an_epoch(tmp_path, capsys, use_weights_home, image_tree, model):
     config = f"configs/deadzone_{model}_imagenet.yaml"
     save = [f"--set=save_dir={tmp_path}", "--set=wandb_project=null", "--device", "cpu"]
     assert cli.main(["train", "--config", config, "--dry-run", *save]) == 0

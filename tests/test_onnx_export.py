@@ -10,8 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 from codeq.app import cli
 from codeq.attach import attach_weight_quantizers, quantized_layers
 from codeq.compression import model_size, structural_probe
+from codeq.errors import ExportError
 from codeq.export import onnx as onnx_export
-from codeq.export.grids import layer_grids, plain_model
+from codeq.export.grids import CHECK_BATCH, check_inputs, layer_grids, plain_model
 from codeq.export.onnx import encode_weights, export_onnx, run_session, serialized, session, to_onnx
 from codeq.export.packed import decode_weight
 from codeq.models import create_model
@@ -197,3 +198,59 @@ def test_export_command_checks_on_validation_data_and_writes_nothing_on_failure(
     assert error.startswith("export error: onnxruntime's outputs differ from the fake-quantized model's")
     assert error.count("\n") == 1 and "nothing written" in error
     assert out.read_bytes() == b"previous" and sorted(out.parent.iterdir()) == [out]
+
+
+class TokenClassifier(torch.nn.Module):
+    """Token ids [N, length] (int) -> logits [N, 3]: an embedding, a Linear per token, a Linear over all of them;
+    with ``as_dict`` the logits come in a dict, as a Hugging Face model's ModelOutput does."""
+
+    def __init__(self, vocab: int = 12, length: int = 6, as_dict: bool = False) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.mix = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8 * length, 3)
+        self.as_dict = as_dict
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        logits = self.head(torch.relu(self.mix(self.embed(ids))).flatten(1))
+        return {"logits": logits} if self.as_dict else logits
+
+
+def token_classifier(as_dict: bool = False) -> TokenClassifier:
+    torch.manual_seed(0)
+    model = TokenClassifier(as_dict=as_dict)
+    attach_weight_quantizers(model, ["type:Embedding"], DeadZoneLDZCompander, {"fixed_bit_val": 4,
+                                                                                 "learnable_bit": False})
+    return model.eval()
+
+
+def test_token_ids_are_checked_with_ids_of_their_range_and_dtype():
+    example = torch.tensor([3, 9, 4, 4, 7, 5], dtype=torch.int32)
+    inputs = check_inputs(example)
+    assert inputs.shape == (CHECK_BATCH, 6) and inputs.dtype == torch.int32
+    assert int(inputs.min()) == 3 and int(inputs.max()) == 9  # every id of the range, none outside it
+    assert torch.equal(inputs, check_inputs(example))  # seeded
+    assert check_inputs(torch.zeros(3, 8, 8)).dtype == torch.float32
+
+
+def test_a_model_of_token_ids_exports_with_integer_input_and_dynamic_batch(tmp_path):
+    model = token_classifier()
+    out = tmp_path / "tokens.onnx"
+    result = export_onnx(model, torch.tensor([0, 11, 5, 2, 7, 1]), out)
+    assert set(result.encodings) == {"mix.weight", "head.weight"} and result.agreement.samples == CHECK_BATCH
+    runner = session(out.read_bytes())
+    graph_input = runner.get_inputs()[0]
+    assert graph_input.type == "tensor(int64)" and isinstance(graph_input.shape[0], str) and graph_input.shape[1] == 6
+    for batch in (1, 5):
+        ids = torch.randint(0, 12, (batch, 6), generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = model(ids)
+        assert float((run_session(runner, ids) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+def test_a_model_that_returns_no_single_tensor_is_refused_by_name(tmp_path):
+    out = tmp_path / "dict.onnx"
+    with pytest.raises(ExportError, match=r"TokenClassifier returns a dict, not one tensor: export a module that "
+                                          r"returns the logits tensor"):
+        export_onnx(token_classifier(as_dict=True), torch.arange(6), out)
+    assert not out.exists()

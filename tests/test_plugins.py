@@ -17,20 +17,7 @@ from codeq.errors import RegistrationError
 from codeq.quantizers import QUANTIZER_REGISTRY
 from conftest import ROOT, quick_config, write_config
 
-
-@pytest.fixture(autouse=True)
-def registries_as_shipped():
-    """What a test's plugins register is gone after it (and their modules, so the next test imports them anew):
-    other test files expect the shipped choices only."""
-    from codeq.app.config import REGISTRIES
-
-    saved = [(registry, dict(registry)) for registry in REGISTRIES.values()]
-    yield
-    for registry, entries in saved:
-        dict.clear(registry)
-        dict.update(registry, entries)
-    for name in [name for name in sys.modules if name.startswith("codeq_plugin_")]:
-        del sys.modules[name]
+pytestmark = pytest.mark.usefixtures("registries_as_shipped")
 
 
 def test_the_seeds_imports_and_registry_work_verbatim():

@@ -107,7 +107,7 @@ def test_validate_quantizes_each_weight_once_per_pass():
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     attach_weight_quantizers(model, [], DeadZoneLDZCompander, {})
-    counters = [ForwardCounter(p.quantizer) for m in model if parametrize.is_parametrized(m, "weight")
+    counters = [ForwardCounter(p) for m in model if parametrize.is_parametrized(m, "weight")
                 for p in m.parametrizations.weight]
     batches = [(torch.randn(5, 12), torch.randint(0, 3, (5,))) for _ in range(7)]
     validate(batches, model, torch.nn.CrossEntropyLoss(), "cpu")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 
 from codeq.app import cli
 from conftest import quick_config, write_config
@@ -66,6 +67,12 @@ def test_every_epoch_logs_mean_and_per_layer_compression(codeq_run):
     assert record["mean_bits"] == 4.0 and 0 < record["sparsity"] < 1 and 0 < record["rel_bops"] < 1
     assert record["layer_bits/layer2.0.conv1"] == 4.0
     assert 0 <= record["layer_sparsity/fc"] < 1
+    # Fig. 4's dead-zone curves: the epoch's mean |logit_dz| and d / 2R = 1 - tanh|logit_dz|, from the same weights
+    state = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    logits = torch.stack([value.abs() for key, value in state.items() if key.endswith("logit_dz")])
+    assert len(logits) == 20 and logits.max() < 3.0  # ResNet-20's 19 convs and fc; the dead zones widened
+    assert record["mean_logit_dz"] == pytest.approx(logits.mean().item(), rel=1e-6)
+    assert record["mean_deadzone_share"] == pytest.approx((1 - torch.tanh(logits)).mean().item(), rel=1e-6)
 
 
 def test_report_command_recomputes_the_run_report_from_a_checkpoint(codeq_run, tmp_path, capsys):
@@ -83,15 +90,17 @@ def test_baseline_report_and_side_by_side_comparison(codeq_run, baseline_run, ca
     baseline_dir, stdout = baseline_run
     assert "| FP32 baseline | 32-bit | – |" in stdout and stdout.strip().splitlines()[-1].startswith("run directory:")
     assert json.loads((baseline_dir / "report.json").read_text())["rel_bops"] == pytest.approx(1.0)
-    (codeq_run[0] / "report.json").rename(codeq_run[0] / "saved_report.json")  # compare recomputes without it
+    (baseline_dir / "report.json").rename(baseline_dir / "saved_report.json")  # the FP32 Rel. BOPs from its last.pt
     try:
         assert cli.main(["report", "--compare", str(codeq_run[0]), str(baseline_dir)]) == 0
     finally:
-        (codeq_run[0] / "saved_report.json").rename(codeq_run[0] / "report.json")
+        (baseline_dir / "saved_report.json").rename(baseline_dir / "report.json")
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[0].startswith("| Run | Method | Weights | Pruning | Acc (%) | Rel. BOPs (%) |")
-    assert rows[2].startswith(f"| {codeq_run[0]} | CoDeQ | 4-bit |")
-    assert rows[3].startswith(f"| {baseline_dir} | FP32 baseline | 32-bit | – |") and "| 100.00 |" in rows[3]
+    final = json.loads((codeq_run[0] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows[0] == "| Method | Weights | Pruning | Acc (%) | Rel. BOPs (%) | n |"
+    assert rows[2] == (f"| CoDeQ | 4-bit | Unstruc. | {100 * final['val_acc']:.2f} | {100 * final['rel_bops']:.2f} "
+                       f"| 1 |")
+    assert rows[3].startswith("| FP32 baseline | 32-bit | None |") and rows[3].endswith("| 100.00 | 1 |")
 
 
 def test_report_command_rejects_bad_paths_in_one_line(tmp_path, capsys):

@@ -8,10 +8,13 @@ weight ``module.parametrizations.weight.original`` on access; the quantizer's ow
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,10 +65,14 @@ class FakeQuantParametrization(nn.Module):
         # percentile's dtype.
         self.register_buffer("absmax", None, persistent=False)
         self.absmax_given = False
+        # The quantized weight when weights_quantized_once computed it with the other layers' (quantize_together).
+        self.output: Tensor | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
         if not self.enabled:
             return weight
+        if self.output is not None:
+            return self.output
         return self.quantizer(weight, self.absmax) if self.absmax_given else self.quantizer(weight)
 
 
@@ -84,9 +91,9 @@ def attach_weight_quantizers(
     """Give every module owning a ``weight`` Parameter its own ``quantizer(**quantizer_kwargs)``.
 
     A module is skipped when an entry of ``exclude_layers`` matches it (``excluded``: a substring of its name,
-    ``re:PATTERN``, ``type:CLASS``). Quantized normalisation layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm)
-    get a warning naming them and the ``type:`` entries that would exclude them. Returns the names of the
-    quantized modules.
+    ``re:PATTERN``, ``type:CLASS``); an entry that matches no such module (a typo) gets a warning. Quantized
+    normalisation layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm) get a warning naming them and the ``type:``
+    entries that would exclude them. Returns the names of the quantized modules.
 
     Raises:
         re.error: an ``re:`` entry is not a valid regular expression.
@@ -105,6 +112,12 @@ def attach_weight_quantizers(
     log.info("quantized %d layers with %s: %s", len(attached), quantizer.__name__, ", ".join(attached))
     if skipped:
         log.info("left %d layers in FP32 (exclude_layers): %s", len(skipped), ", ".join(skipped))
+    unmatched = [entry for entry in exclude_layers
+                 if not any(excluded(name, [entry], model.get_submodule(name)) for name in skipped)]
+    if unmatched:
+        warnings.warn(f"exclude_layers {unmatched} match no layer that owns a weight, so they exclude nothing; "
+                      "entries are a substring of a layer's name, 're:PATTERN' or 'type:CLASS' "
+                      "(see model.named_modules())", UserWarning, stacklevel=user_stacklevel())
     warn_about_quantized_norms(model, attached)
     return attached
 
@@ -123,7 +136,17 @@ def warn_about_quantized_norms(model: nn.Module, attached: Sequence[str]) -> Non
     entries = ", ".join(f"'{TYPE_PREFIX}{kind}'" for kind in norms)
     warnings.warn(f"quantizing {len(names)} normalisation layer{'s' if len(names) > 1 else ''} ({shown}): their "
                   f"weights scale activations and are rarely quantized; exclude them with exclude_layers "
-                  f"[{entries}]", UserWarning, stacklevel=3)
+                  f"[{entries}]", UserWarning, stacklevel=user_stacklevel())
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, called from the function that warns, of the innermost frame outside the codeq
+    package: the warning then names the user's line (``codeq.prepare(...)``), whichever codeq functions lie between."""
+    package = str(Path(__file__).parent) + os.sep
+    level, frame = 1, inspect.currentframe().f_back
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def fake_quantization(module: nn.Module) -> FakeQuantParametrization | None:
@@ -157,7 +180,18 @@ def latent_weight(module: nn.Module) -> Tensor:
 
 
 def toggle_quantization(model: nn.Module, enabled: bool) -> None:
-    """Switch every attached fake-quantizer on or off (off: layers see their latent weights)."""
+    """Switch every attached fake-quantizer of ``model`` on or off, in place (off: each layer computes with its
+    latent FP32 weight, as if no quantizer were attached; the quantizers and their parameters stay).
+
+    Args:
+        model: a model after ``prepare`` (a model without quantizers is left as it is).
+        enabled: True to quantize, False to run the latent weights.
+
+    Examples:
+        >>> codeq.toggle_quantization(model, False)  # the FP32 model the latent weights make
+        >>> fp32_accuracy = evaluate(model)
+        >>> codeq.toggle_quantization(model, True)
+    """
     for _, _, parametrization in quantized_layers(model):
         parametrization.enabled = enabled
 
@@ -202,13 +236,40 @@ def weights_quantized_once(model: nn.Module) -> Iterator[None]:
     Up front rather than at each layer's turn, so that the layers' own kernels run back to back: on
     a 2-core CPU, ResNet-20's training forward took ~5 ms more with its quantizers interleaved with
     the convolutions than with the same quantizers run first (docs/benchmarks.md). Their robust
-    absmaxes are selected together (``percentiles_selected_together``).
+    absmaxes are selected together (``percentiles_selected_together``), and the layers whose quantizer class
+    offers ``quantize_together`` (the dead-zone quantizer does) are quantized together by it: the same values
+    as each quantizer's ``forward``, in far fewer operations (docs/benchmarks.md).
     """
     with parametrize.cached():
         with percentiles_selected_together(model) as layers:
-            for module in layers:
-                module.weight  # noqa: B018 (the access fills the cache)
+            together = quantized_together(layers)
+            try:
+                for module in layers:
+                    module.weight  # noqa: B018 (the access fills the cache)
+            finally:
+                for parametrization in together:
+                    parametrization.output = None
         yield
+
+
+def quantized_together(modules: Sequence[nn.Module]) -> list[FakeQuantParametrization]:
+    """Give each parametrization whose quantizer's class defines ``quantize_together`` itself (a subclass may
+    change what ``forward`` computes) and has its robust absmax (``percentiles_selected_together``) its output,
+    computed with the other layers of its class; returns them."""
+    by_class: dict[type, list[tuple[nn.Module, FakeQuantParametrization]]] = {}
+    for module in modules:
+        parametrization = fake_quantization(module)
+        if parametrization.absmax_given and "quantize_together" in vars(type(parametrization.quantizer)):
+            by_class.setdefault(type(parametrization.quantizer), []).append((module, parametrization))
+    done = []
+    for cls, members in by_class.items():
+        outputs = cls.quantize_together([p.quantizer for _, p in members],
+                                        [latent_weight(module) for module, _ in members],
+                                        [p.absmax for _, p in members])
+        for (_, parametrization), output in zip(members, outputs, strict=True):
+            parametrization.output = output
+            done.append(parametrization)
+    return done
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -281,7 +342,8 @@ def prepare(model: nn.Module, name: str = "deadzone", kwargs: dict[str, Any] | N
         ``model`` itself, with quantizers attached.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or ``exclude_layers`` is a string rather than a list.
+        TypeError: ``model`` is not an ``nn.Module``, ``name`` not a string (settings go in ``kwargs``), or
+            ``exclude_layers`` is a string rather than a list.
         ValueError: an unknown ``name``, ``kwargs`` the quantizer does not take or refuses (a bit-width out of
             range), a bad ``re:`` pattern, or a model that already has quantizers.
 
@@ -298,6 +360,9 @@ def prepare(model: nn.Module, name: str = "deadzone", kwargs: dict[str, Any] | N
         raise TypeError(f"prepare(model=...) takes an nn.Module, got {type(model).__name__}")
     if isinstance(exclude_layers, str) or not all(isinstance(entry, str) for entry in exclude_layers):
         raise TypeError(f"prepare(exclude_layers=...) takes a list of strings, got {exclude_layers!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"prepare(name=...) takes a quantizer's name such as 'deadzone', got {type(name).__name__}; "
+                        "pass its settings as kwargs={...}")
     if name not in QUANTIZER_REGISTRY:
         raise ValueError(f"prepare(name={name!r}): unknown quantizer; choose one of "
                          f"{', '.join(QUANTIZER_REGISTRY)} (or register your own in QUANTIZER_REGISTRY)")

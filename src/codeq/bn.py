@@ -43,12 +43,18 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 5) -> int:
 
     Raises:
         ValueError: ``batches`` is below 1, or ``loader`` yields no batch.
-        TypeError: a batch is neither a tensor nor a tuple/list starting with one.
+        TypeError: ``model`` is not an ``nn.Module``, ``loader`` is a tensor rather than batches of one, or a batch
+            is neither a tensor nor a tuple/list starting with one.
 
     Examples:
         >>> codeq.recalibrate_bn(model, train_loader, batches=5)
         5
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"recalibrate_bn(model=...) takes an nn.Module, got {type(model).__name__}")
+    if isinstance(loader, Tensor):  # iterating it would give single items without their batch dimension
+        raise TypeError("recalibrate_bn(loader=...) takes batches (a DataLoader, a list of [N, ...] tensors), got one "
+                        "tensor: pass [inputs]")
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ValueError(f"recalibrate_bn(batches={batches!r}): use at least 1 batch")
     norms = [module for module in model.modules() if isinstance(module, BATCH_NORMS) and module.track_running_stats]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from codeq.attach import latent_weight, quantized_layers, quantizer_of
 from codeq.convert import compressed_weight, inference_state, plain_copy
+from codeq.errors import first_line
 from codeq.quantizers.base import layer_readout
 
 MAC_LAYERS = (nn.Conv2d, nn.Linear)
@@ -144,14 +146,42 @@ def summary(stats: list[LayerStats]) -> dict[str, float]:
     return result
 
 
+@torch.no_grad()
+def dead_zone_summary(model: nn.Module) -> dict[str, float]:
+    """The two dead-zone curves of the paper's Fig. 4, over the quantizers with a dead-zone logit ``logit_dz``
+    (CoDeQ's): ``mean_logit_dz``, the mean |θ_dz|, and ``mean_deadzone_share``, the mean dead-zone width as a share
+    of the robust range, d / 2R = 1 - tanh|θ_dz| (Eq. 15; 0: no dead zone, 1: every weight pruned). Empty when no
+    quantizer has the logit."""
+    logits = [quantizer.logit_dz.detach().abs().float().cpu() for _, module in counted_modules(model)
+              if isinstance(getattr(quantizer := quantizer_of(module), "logit_dz", None), Tensor)]
+    if not logits:
+        return {}
+    stacked = torch.stack([logit.reshape(()) for logit in logits])
+    return {"mean_logit_dz": stacked.mean().item(), "mean_deadzone_share": (1 - torch.tanh(stacked)).mean().item()}
+
+
 def as_rows(stats: list[LayerStats]) -> list[dict]:
     return [{**asdict(s), "sparsity": s.sparsity, "bops": s.bops, "dense_bops": s.dense_bops,
              "structured_bops": s.structured_bops} for s in stats]
 
 
+# What an example input is, as errors about one say it.
+EXAMPLE_INPUT = ("one input without its batch dimension (an image [C, H, W], token ids [seq_len]) or an image batch "
+                 "[N, C, H, W]")
+
+
 def single_sample(example: Tensor) -> Tensor:
-    """``example`` as a batch of one: accepts one item ``[C, H, W]`` or a batch whose first item is used."""
+    """``example`` as a batch of one. A 4-D tensor is an image batch ``[N, C, H, W]`` whose first item is used; any
+    other is one item without its batch dimension (an image ``[C, H, W]``, token ids ``[seq_len]``)."""
     return example[:1] if example.dim() == 4 else example.unsqueeze(0)
+
+
+def random_ids(example: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` items of integer ``example``'s item shape and dtype (token ids, class indices), each entry drawn
+    from the range of ``example``'s values: values the model takes, whatever its vocabulary."""
+    low, high = int(example.min()), int(example.max())
+    shape = (count, *single_sample(example).shape[1:])
+    return torch.randint(low, high + 1, shape, generator=generator, dtype=example.dtype)
 
 
 def dense_macs(module: nn.Module, inputs: Tensor, output: Tensor) -> int:
@@ -250,10 +280,26 @@ def null_input_channels(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
 
 
 def probe_batch(example: Tensor) -> Tensor:
-    """PROBE_SAMPLES seeded random positive float64 inputs of ``example``'s item shape."""
+    """PROBE_SAMPLES seeded random inputs of ``example``'s item shape: positive float64 values, or for an integer
+    ``example`` ids in the range of its values (``random_ids``); a float batch requires its gradient."""
     generator = torch.Generator().manual_seed(1)
+    if not example.is_floating_point():
+        return random_ids(example, PROBE_SAMPLES, generator)
     sample = single_sample(example)
-    return torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
+    inputs = torch.rand((PROBE_SAMPLES, *sample.shape[1:]), generator=generator, dtype=torch.float64) + 0.5
+    return inputs.requires_grad_()
+
+
+def output_tensors(output: object) -> list[Tensor]:
+    """The tensors of a model's output: the output itself, or those in a tuple, list or dict (a Hugging Face
+    ``ModelOutput`` is one), nested or not."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [tensor for item in output for tensor in output_tensors(item)]
+    return []
 
 
 def probe_cotangent(output: Tensor) -> Tensor:
@@ -290,10 +336,10 @@ def dead_channels(model: nn.Module, example: Tensor) -> tuple[dict[str, Tensor],
 
     handles = [module.register_forward_hook(recorder(name))
                for name, module in probe.named_modules() if isinstance(module, MAC_LAYERS)]
-    inputs = probe_batch(example).requires_grad_()
     try:
-        output = probe(inputs)
-        output.backward(probe_cotangent(output))
+        outputs = [tensor for tensor in output_tensors(probe(probe_batch(example))) if tensor.requires_grad]
+        if outputs:
+            torch.autograd.backward(outputs, [probe_cotangent(output) for output in outputs])
     finally:
         for handle in handles:
             handle.remove()
@@ -388,7 +434,7 @@ class CompressionMonitor:
 
     def __init__(self, model: nn.Module, example: Tensor) -> None:
         self.model = model
-        self.example = single_sample(example).detach().cpu()
+        self.example = single_sample(example)[0].detach().cpu()  # one item: single_sample gives it its batch
         self.macs = count_macs(model, self.example)
 
     def stats(self, structured: bool = False, settings: BopsSettings = W32A32) -> list[LayerStats]:
@@ -396,8 +442,8 @@ class CompressionMonitor:
         return layer_stats(self.model, self.macs, extra, settings)
 
     def epoch_metrics(self, settings: BopsSettings = W32A32) -> dict[str, float]:
-        """Flat metrics for one epoch's record: summary (BOPs counted with ``settings``) plus ``layer_bits/<name>``
-        and ``layer_sparsity/<name>``.
+        """Flat metrics for one epoch's record: summary (BOPs counted with ``settings``), the dead-zone means
+        (``dead_zone_summary``), ``layer_bits/<name>`` and ``layer_sparsity/<name>``.
 
         Empty for a model without quantizers: its compression does not change during training.
         """
@@ -405,7 +451,7 @@ class CompressionMonitor:
         quantized = [s for s in stats if s.quantized]
         if not quantized:
             return {}
-        return {**summary(stats),
+        return {**summary(stats), **dead_zone_summary(self.model),
                 **{f"layer_bits/{s.name}": s.bits for s in quantized},
                 **{f"layer_sparsity/{s.name}": s.sparsity for s in quantized}}
 
@@ -432,13 +478,19 @@ def compression_report(model: nn.Module, example_input: Tensor, activation_bits:
     """How compressed ``model`` is now: sparsity, bit-widths, Rel. BOPs and size, overall and per layer.
 
     Definitions (docs/compression.md): BOPs of a Conv2d/Linear are density x MACs x weight bits x activation bits
-    (Wenshøj et al., arXiv 2512.12981, Eqs. 20-22), MACs measured for one input sample; Rel. BOPs divides their sum
-    by the dense model's at 32-bit weights and 32-bit activations. The model runs once, in eval mode, on
-    ``example_input`` (its values do not matter, its shape does), and returns to its mode.
+    (Wenshøj et al., arXiv 2512.12981, Eqs. 20-22), MACs measured for one input sample (a Linear counts once per
+    input vector: per token of a sequence; attention's activation-by-activation products are not counted); Rel.
+    BOPs divides their sum by the dense model's at 32-bit weights and 32-bit activations. The model runs in eval
+    mode on ``example_input`` as a batch of one (its values do not matter, its shape does) and returns to its mode;
+    ``rel_bops_structured`` also runs a float64 copy on random inputs of that shape (for integer inputs, ids in the
+    range of ``example_input``'s values). The model takes one tensor; its output may be a tensor, or tensors in a
+    tuple or dict (a Hugging Face ``ModelOutput``).
 
     Args:
         model: a model after ``prepare`` (or a plain one: 32 bits everywhere, no sparsity counted).
-        example_input: one input ``[C, H, W]`` or a batch ``[N, C, H, W]`` (float), on any device.
+        example_input: one input without its batch dimension (an image ``[C, H, W]`` float, token ids
+            ``[seq_len]`` int64), or an image batch ``[N, C, H, W]`` whose first item is used; on any device. Any
+            tensor that is not 4-D is taken as one item: pass ``input_ids[0]``, not a batch of sequences.
         activation_bits: the activation bit-width BOPs count (1..32; 32: activations not quantized).
         fp_weight_bits: the weight bit-width BOPs count for layers left in FP32 (1..32).
 
@@ -453,11 +505,12 @@ def compression_report(model: nn.Module, example_input: Tensor, activation_bits:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` not a tensor.
-        ValueError: a bit-width setting outside 1..32.
+        ValueError: a bit-width setting outside 1..32, or the model fails on ``example_input`` as a batch of one.
 
     Examples:
         >>> report = codeq.compression_report(model, torch.zeros(3, 32, 32))
         >>> print(f"{report['sparsity']:.1%} zeros, Rel. BOPs {report['rel_bops']:.2%}")
+        >>> codeq.compression_report(bert, input_ids[0])["macs"]  # int64 [seq_len]: one sequence
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compression_report(model=...) takes an nn.Module, got {type(model).__name__}")
@@ -466,4 +519,10 @@ def compression_report(model: nn.Module, example_input: Tensor, activation_bits:
     for name, value in (("activation_bits", activation_bits), ("fp_weight_bits", fp_weight_bits)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= FP32_BITS:
             raise ValueError(f"compression_report({name}={value!r}): a bit-width is an integer in 1..{FP32_BITS}")
-    return monitor_report(CompressionMonitor(model, example_input), BopsSettings(activation_bits, fp_weight_bits))
+    try:
+        monitor = CompressionMonitor(model, example_input)
+    except Exception as error:  # noqa: BLE001 - whatever the model raises, the likely cause is the example's shape
+        raise ValueError(f"compression_report(example_input=...): the model fails on it as a batch of one "
+                         f"{list(single_sample(example_input).shape)} ({first_line(error, with_type=True, limit=200)})"
+                         f"; pass {EXAMPLE_INPUT}") from error
+    return monitor_report(monitor, BopsSettings(activation_bits, fp_weight_bits))

@@ -59,11 +59,16 @@ def convert(model: nn.Module) -> nn.Module:
     Returns:
         The converted ``nn.Module``.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+
     Examples:
         >>> plain = codeq.convert(model)
         >>> torch.equal(plain(x), model(x))  # in eval mode
         True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert(model=...) takes an nn.Module, got {type(model).__name__}")
     plain = plain_copy(model)
     plain.load_state_dict(inference_state(model))
     return plain

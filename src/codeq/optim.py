@@ -149,7 +149,8 @@ def param_groups(model: nn.Module, base: dict[str, Any] | Sequence[dict[str, Any
         A list of groups for ``torch.optim.X(groups, ...)``.
 
     Raises:
-        TypeError: ``base`` is neither options nor a list of groups with ``"params"``.
+        TypeError: ``model`` is not an ``nn.Module``, ``base`` is neither options nor a list of groups with
+            ``"params"``, or ``dz``/``bit`` is neither options nor None.
         ValueError: a parameter is in two of the caller's groups, or a trainable parameter of ``model`` in none.
 
     Examples:
@@ -157,6 +158,12 @@ def param_groups(model: nn.Module, base: dict[str, Any] | Sequence[dict[str, Any
         ...                             dz={"lr": 1e-3, "weight_decay": 5.0})
         >>> optimizer = torch.optim.AdamW(groups)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups(model=...) takes an nn.Module, got {type(model).__name__}")
+    for argument, options in (("dz", dz), ("bit", bit)):
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"param_groups({argument}={options!r}): give the group's optimizer options as a dict "
+                            f"({{'lr': 1e-3, 'weight_decay': 5.0}}) or None")
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     quantizer_options = {"dz": dz, "bit": bit}
@@ -196,9 +203,13 @@ def caller_groups(groups: Sequence[dict[str, Any]], trainable: list[nn.Parameter
                   names: dict[int, str]) -> list[dict[str, Any]]:
     """``param_groups``' ``base`` given as the caller's own groups, checked: each a dict with ``params``, no
     parameter twice, every trainable one present. Named ``base`` (``base.N`` for several) unless named already."""
-    if not all(isinstance(group, dict) and "params" in group for group in groups):
-        raise TypeError("param_groups(base=...) takes optimizer options (a dict) or a list of groups, each a dict "
-                        "with 'params'")
+    if isinstance(groups, (str, bytes)) or not isinstance(groups, Sequence):
+        got = type(groups).__name__
+    else:
+        got = next((repr(group)[:80] for group in groups if not (isinstance(group, dict) and "params" in group)), "")
+    if got:
+        raise TypeError(f"param_groups(base=...) takes optimizer options (a dict, {{'lr': 1e-3}}) or a list of "
+                        f"groups, each a dict with 'params'; got {got}")
     seen: set[int] = set()
     checked = []
     for index, group in enumerate(groups):

@@ -2,9 +2,9 @@
 
     codeq train --config configs/quickstart.yaml     # train (FP32 or CoDeQ), checkpoint, report
     codeq evaluate runs/NAME                         # validation accuracy of a checkpoint or export
-    codeq report runs/NAME | --compare runs/A runs/B # compression report, or runs side by side
+    codeq report runs/NAME | --compare runs/A runs/B # compression report, or the paper's table of runs
     codeq export runs/NAME model.onnx                # deployable ONNX (or .codeq)
-    codeq sweep sweeps/FILE.yaml                     # expand a sweep into its tasks
+    codeq sweep sweeps/FILE.yaml [--run]             # expand a sweep into its tasks, or run them all here
 
 ``codeq COMMAND --help`` lists a command's options. Exit codes: 0 done, 1 a run that could not go on,
 2 a bad config, argument or input file, 3 / 130 stopped by a signal / Ctrl-C after a checkpoint.

@@ -1,9 +1,13 @@
 """``codeq report``: compression reports (``report.json``, ``report.md``, ``layers.png``) for a run or any checkpoint.
 
     codeq report runs/NAME[/last.pt] [--out DIR]    # report of a checkpoint (no training)
-    codeq report --compare runs/A runs/B ...        # runs side by side
+    codeq report --compare runs/A runs/B ... [--csv FILE] [--latex FILE] [--plot FILE] [--plot-epochs FILE]
 
-The metrics are defined in docs/compression.md.
+``--compare`` pools runs that differ only in their seed into one row of the paper's table (mean ± sample standard
+deviation over their last epochs, n shown) and prints it as Markdown; ``--csv`` and ``--latex`` (booktabs) write it,
+``--plot`` draws accuracy against Rel. BOPs with the Pareto front and ``--plot-epochs`` the sparsity and dead zones
+over the epochs (the paper's Fig. 4), each as PNG or PDF by the file's suffix (both without one). How runs are
+grouped: codeq.app.results. The metrics are defined in docs/compression.md.
 """
 from __future__ import annotations
 
@@ -15,26 +19,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from codeq.app.checkpoint import LAST_CHECKPOINT, checkpoint_path, load_checkpoint, load_model_state
 from codeq.app.config import validate_config
 from codeq.app.experiment import build_model
+from codeq.app.plugins import import_plugins
+from codeq.app.results import (
+    SUMMARY_COLUMNS,
+    WRITERS,
+    RunResult,
+    figure_paths,
+    group_runs,
+    markdown,
+    markdown_table,
+    method_name,
+    percent,
+)
+from codeq.app.tracking import read_metrics
 from codeq.compression import FP32_BITS, BopsSettings, CompressionMonitor, monitor_report
 from codeq.data.base import declared_classes
 from codeq.errors import ArgumentError, CheckpointError, ConfigError, report_error
+from codeq.io import atomic_write
 
 log = logging.getLogger(__name__)
-
-METHOD_NAMES = {"deadzone": "CoDeQ", "uniform": "Uniform QAT"}
-SUMMARY_COLUMNS = ("Method", "Weights", "Pruning", "Acc (%)", "Rel. BOPs (%)")
-
-
-def method_name(config: dict[str, Any]) -> str:
-    quantizer = config.get("quantizer")
-    if not quantizer:
-        return "FP32 baseline"
-    return METHOD_NAMES.get(quantizer["name"], quantizer["name"])
+# The outputs of --compare besides the printed table: option, its attribute in the parsed arguments, what it writes.
+COMPARE_OUTPUTS = (("--csv", "csv", "the table as CSV"), ("--latex", "latex", "the table as a LaTeX booktabs tabular"),
+                   ("--plot", "plot", "accuracy against Rel. BOPs with the Pareto front (.png or .pdf; no suffix: "
+                                      "both)"),
+                   ("--plot-epochs", "plot_epochs", "mean layer sparsity, dead-zone width and |θ_dz| over the "
+                                                    "epochs per run, the paper's Fig. 4 (.png or .pdf; no suffix: "
+                                                    "both)"))
 
 
 def weights_label(rows: list[dict]) -> str:
@@ -49,13 +65,7 @@ def weights_label(rows: list[dict]) -> str:
 
 def accuracy_from_metrics(metrics_path: Path, epoch: int | None = None) -> dict[str, Any]:
     """Validation accuracy at ``epoch`` (default: the last logged) and the best one up to it."""
-    if not metrics_path.is_file():
-        return {}
-    by_epoch = {}
-    for line in metrics_path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_epoch[record["epoch"]] = record  # a resumed run re-logs epochs: the latest record wins
+    by_epoch = {record["epoch"]: record for record in read_metrics(metrics_path)}
     if not by_epoch:
         return {}
     epoch = max(by_epoch) if epoch is None else epoch
@@ -79,18 +89,9 @@ def build_report(monitor: CompressionMonitor, config: dict[str, Any], accuracy: 
     }
 
 
-def percent(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{100 * value:.{digits}f}"
-
-
 def summary_row(report: dict[str, Any]) -> list[str]:
     pruning = f"{percent(report['sparsity'], 1)} %" if report["quantizer"] else "–"
     return [report["method"], report["weights"], pruning, percent(report.get("val_acc")), percent(report["rel_bops"])]
-
-
-def markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def summary_table(report: dict[str, Any]) -> str:
@@ -111,14 +112,6 @@ def bops_bits(report: dict[str, Any]) -> str:
     """The report's BOPs settings in words (reports written before the settings existed counted 32 and 32)."""
     return (f"{report.get('activation_bits', 32)}-bit activations and {report.get('fp_weight_bits', 32)}-bit "
             "weights in layers left in FP32")
-
-
-def compare_table(reports: dict[str, dict[str, Any]]) -> str:
-    header = ["Run", *SUMMARY_COLUMNS, "Struct. BOPs (%)", "Size ratio", "BOPs A / FP W bits"]
-    rows = [[name, *summary_row(report), percent(report["rel_bops_structured"]), f"{report['size']['ratio']:.2f}x",
-             f"{report.get('activation_bits', 32)} / {report.get('fp_weight_bits', 32)}"]
-            for name, report in reports.items()]
-    return markdown_table(header, rows)
 
 
 def layer_table(report: dict[str, Any]) -> str:
@@ -187,14 +180,14 @@ def plot_layers(report: dict[str, Any], path: Path) -> None:
                             f"{percent(report['sparsity'], 1)} %, Rel. BOPs {percent(report['rel_bops'])} %",
                             fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))
     plt.close(figure)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report))
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2) + "\n")  # --compare reads it: whole or none
+    atomic_write(out_dir / "report.md", render_markdown(report))
     plot_layers(report, out_dir / "layers.png")
 
 
@@ -271,23 +264,67 @@ def check_run_directory(path: Path) -> None:
     raise CheckpointError(f"{path} is not a run directory (no report.json or last.pt); pass folders under save_dir")
 
 
+def run_result(run_dir: Path) -> RunResult:
+    """A run directory's config and epoch records for ``--compare``; its plugins are imported.
+
+    Raises:
+        CheckpointError: no finished epoch in its metrics.jsonl, or no config.yaml and no readable last.pt.
+        ConfigError: a plugin of its config cannot be imported.
+    """
+    records = read_metrics(run_dir / "metrics.jsonl")
+    if not records:
+        raise CheckpointError(f"{run_dir} has no finished epoch in metrics.jsonl: nothing to compare yet")
+    saved = run_dir / "config.yaml"
+    config = yaml.safe_load(saved.read_text()) if saved.is_file() else load_checkpoint(run_dir / LAST_CHECKPOINT)[
+        "config"]
+    import_plugins(config.get("plugins"))
+    rel_bops = records[-1].get("rel_bops")
+    if rel_bops is None:  # an FP32 run logs no compression per epoch; its report counts its BOPs
+        rel_bops = run_report(run_dir)["rel_bops"]
+    return RunResult(run_dir, config, records, rel_bops)
+
+
+def compare(run_dirs: list[Path], outputs: dict[str, Path]) -> str:
+    """The ``--compare`` table of ``run_dirs`` (Markdown), with ``outputs`` (``WRITERS`` key -> file) written; a
+    line names each file written and each run that has not run all its epochs."""
+    for key, option in (("plot", "--plot"), ("plot_epochs", "--plot-epochs")):
+        if key in outputs:
+            figure_paths(outputs[key], option)  # a bad suffix is refused before anything is written
+    for run_dir in run_dirs:
+        check_run_directory(run_dir)
+    results = [run_result(run_dir) for run_dir in run_dirs]
+    groups = group_runs(results)
+    lines = [markdown(groups), ""]
+    lines += [f"note: {result.run_dir} stopped at epoch {result.final['epoch']} of {result.config['epochs']}; its "
+              f"last logged epoch is used" for result in results if not result.finished]
+    for key, path in outputs.items():
+        lines += [f"wrote {written}" for written in WRITERS[key](groups, path)]
+    return "\n".join(lines).rstrip()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", type=Path, help="checkpoint (.pt) or run directory (uses its last.pt)")
     parser.add_argument("--out", type=Path, help="also write report.json, report.md and layers.png into this folder")
-    parser.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="print these runs side by side")
+    parser.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="the paper's table of these runs, runs that differ only in their seed pooled into one "
+                             "row (mean ± std)")
+    for option, _, meaning in COMPARE_OUTPUTS:
+        parser.add_argument(option, type=Path, metavar="FILE", help=f"with --compare: {meaning}")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         if (args.path is None) == (args.compare is None):
             raise ArgumentError("pass either a checkpoint PATH or --compare RUN_DIR...")
+        outputs = {key: getattr(args, key) for _, key, _ in COMPARE_OUTPUTS if getattr(args, key) is not None}
         if args.compare:
-            for run_dir in args.compare:
-                check_run_directory(run_dir)
-            print(compare_table({str(run_dir): run_report(run_dir) for run_dir in args.compare}))
+            print(compare(args.compare, outputs))
             return 0
+        if outputs:
+            raise ArgumentError(f"{', '.join(option for option, key, _ in COMPARE_OUTPUTS if key in outputs)} "
+                                f"go with --compare")
         report = checkpoint_report(args.path)
-    except (ArgumentError, CheckpointError, ConfigError) as error:
+    except (ArgumentError, CheckpointError, ConfigError, OSError) as error:
         return report_error(error, "report")
     if args.out:
         write_report(report, args.out)

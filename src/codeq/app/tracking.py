@@ -76,6 +76,19 @@ class RunTracker:
             self.wandb_run.finish()
 
 
+def read_metrics(metrics_path: Path) -> list[dict[str, Any]]:
+    """The epoch records of ``metrics.jsonl`` in epoch order, one per epoch (a resumed run may log an epoch again:
+    the later record wins); empty when the file does not exist."""
+    if not metrics_path.is_file():
+        return []
+    by_epoch = {}
+    for line in metrics_path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_epoch[record["epoch"]] = record
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
 def rewind_metrics(metrics_path: Path, epoch: int) -> None:
     """Keep only the records of epochs 1..``epoch``: a resumed run writes the later ones again."""
     if not metrics_path.is_file():

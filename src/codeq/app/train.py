@@ -20,7 +20,6 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
@@ -62,7 +61,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="print tracebacks with error messages")
 
 
-class StopRequest:
+class SignalCatcher:
+    """A context in which ``handle(number, frame)`` receives the signals ``signals``; their handlers before it are
+    put back at its end."""
+
+    signals: tuple[signal.Signals, ...] = STOP_SIGNALS
+
+    def __enter__(self) -> SignalCatcher:
+        self.previous = {number: signal.signal(number, self.handle) for number in self.signals}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number: int, frame: object) -> None:
+        raise NotImplementedError
+
+
+class StopRequest(SignalCatcher):
     """Remembers a SIGTERM, SIGUSR1 (Slurm preemption or time limit) or a first Ctrl-C: the run finishes its current
     step, writes a checkpoint and exits with EXIT_PREEMPTED (EXIT_INTERRUPTED for Ctrl-C). A second Ctrl-C aborts
     at once. Polled by ``train`` after every step."""
@@ -70,16 +87,6 @@ class StopRequest:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.signal_name: str | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for number in STOP_SIGNALS:
-            self.previous[number] = signal.signal(number, self.handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
 
     def handle(self, number: int, frame: object) -> None:
         if number == signal.SIGINT:

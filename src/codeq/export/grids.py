@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from codeq.attach import quantized_layers
-from codeq.compression import MAC_LAYERS, single_sample
+from codeq.compression import MAC_LAYERS, random_ids, single_sample
 from codeq.convert import convert, plain_copy
 from codeq.errors import ExportError
 from codeq.export.packed import layer_codes
@@ -65,6 +65,15 @@ def layer_grids(model: nn.Module) -> tuple[dict[str, LayerGrid], dict[str, str]]
 
 
 def check_inputs(example: Tensor, count: int = CHECK_BATCH) -> Tensor:
-    """A seeded batch of ``count`` standard-normal inputs of ``example``'s item shape ([C, H, W] or a batch)."""
-    shape = single_sample(example).shape[1:]
-    return torch.randn((count, *shape), generator=torch.Generator().manual_seed(CHECK_SEED))
+    """A seeded batch of ``count`` inputs of ``example``'s item shape (``single_sample``): standard-normal float32
+    values, or for an integer ``example`` (token ids) ids of its dtype in the range of its values."""
+    generator = torch.Generator().manual_seed(CHECK_SEED)
+    if not example.is_floating_point():
+        return random_ids(example, count, generator)
+    return torch.randn((count, *single_sample(example).shape[1:]), generator=generator)
+
+
+def exported_inputs(inputs: Tensor) -> Tensor:
+    """``inputs`` as the exported graph takes them: float ones as float32 (the graph's dtype), integer ones as they
+    are (the graph keeps the example's integer dtype)."""
+    return inputs.float() if inputs.is_floating_point() else inputs

@@ -32,13 +32,14 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
-from codeq.compression import model_size
+from codeq.compression import EXAMPLE_INPUT, model_size
 from codeq.errors import ExportError, first_line
 from codeq.export.grids import (
     CHECK_BATCH,
     RELATIVE_TOLERANCE,
     LayerGrid,
     check_inputs,
+    exported_inputs,
     layer_grids,
     plain_model,
 )
@@ -51,13 +52,22 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 def to_onnx(model: nn.Module, example: Tensor) -> onnx.ModelProto:
-    """The ONNX graph (opset ``OPSET``) of a plain float32 model, input ``input`` [batch, ...] with a dynamic batch,
-    output ``logits``; parameters are initializers under their state-dict names.
+    """The ONNX graph (opset ``OPSET``) of a plain float32 model, input ``input`` [batch, ...] (float32, or the
+    integer ``example``'s dtype) with a dynamic batch, output ``logits``; parameters are initializers under their
+    state-dict names.
 
-    Raises ExportError when torch.onnx cannot export the model.
+    Raises ExportError when the model does not return one tensor or torch.onnx cannot export it.
     """
     # Two items: torch.export would specialise a batch of one to the constant 1.
     inputs = check_inputs(example, 2)
+    try:
+        output = model.eval()(inputs)
+    except Exception as error:  # noqa: BLE001 - whatever the model raises, the likely cause is the example's shape
+        raise ExportError(f"{type(model).__name__} fails on a batch of example inputs {list(inputs.shape)} ("
+                          f"{first_line(error, with_type=True, limit=200)}); the example is {EXAMPLE_INPUT}") from error
+    if not isinstance(output, Tensor):
+        raise ExportError(f"{type(model).__name__} returns a {type(output).__name__}, not one tensor: export a module "
+                          "that returns the logits tensor (e.g. one whose forward returns model(inputs).logits)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -159,6 +169,9 @@ def session(model_bytes: bytes, threads: int | None = None, decode_at_load: bool
     ``session.disable_quant_qdq``: constant folding then decodes them once, when the session is created.
     """
     options = ort.SessionOptions()
+    # Errors only: the graph optimiser warns about every constant it cannot fold (a BERT's attention-mask CastLike
+    # nodes), which changes no output.
+    options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -168,8 +181,8 @@ def session(model_bytes: bytes, threads: int | None = None, decode_at_load: bool
 
 
 def run_session(runner: ort.InferenceSession, inputs: Tensor) -> Tensor:
-    """onnxruntime's outputs for a float32 batch, as a tensor."""
-    return torch.from_numpy(runner.run([OUTPUT_NAME], {INPUT_NAME: inputs.float().numpy()})[0])
+    """onnxruntime's outputs for a batch (float inputs run as float32, integer ones in their dtype), as a tensor."""
+    return torch.from_numpy(runner.run([OUTPUT_NAME], {INPUT_NAME: exported_inputs(inputs).numpy()})[0])
 
 
 @dataclass
@@ -268,7 +281,7 @@ def validate_export(runner: ort.InferenceSession, reference: nn.Module,
     """Agreement and accuracies of the ONNX session against ``reference`` over (inputs, labels) batches."""
     agreement, accuracy = Agreement(), Accuracy()
     for inputs, labels in batches:
-        expected = reference(inputs.float()).float()
+        expected = reference(exported_inputs(inputs)).float()
         outputs = run_session(runner, inputs)
         agreement.add(expected, outputs)
         accuracy.samples += labels.numel()
@@ -284,11 +297,13 @@ def export_onnx(model: nn.Module, example: Tensor, out: Path, slim: bool = False
     """Write ``model`` (quantizers attached, CPU) to ``out`` as ONNX with integer-code weights; with ``slim``,
     without its removable null channels (``codeq.export.slim``).
 
-    ``example`` is one input ([C, H, W]) or a batch. ``graph``: ``to_onnx`` of a model of the same architecture,
-    reused instead of exporting again (torch.onnx takes seconds, a ViT ~10 s). Before anything is written,
-    onnxruntime runs the file on ``CHECK_BATCH`` random inputs and, with ``validation`` ((inputs, labels)
-    batches), on those too; outputs must agree with the fake-quantized model (``Agreement.ok``). Raises ExportError
-    otherwise, or when the model cannot be exported; ``out`` is then left as it was.
+    ``example`` is one input without its batch dimension ([C, H, W], token ids [seq_len]) or an image batch
+    [N, C, H, W] (``single_sample``); only its shape, dtype and, for integer inputs, range of values matter.
+    ``graph``: ``to_onnx`` of a model of the same architecture, reused instead of exporting again (torch.onnx takes
+    seconds, a ViT ~10 s). Before anything is written, onnxruntime runs the file on ``CHECK_BATCH`` random inputs
+    and, with ``validation`` ((inputs, labels) batches), on those too; outputs must agree with the fake-quantized
+    model (``Agreement.ok``). Raises ExportError otherwise, or when the model cannot be exported (it must take one
+    tensor and return one tensor); ``out`` is then left as it was.
     """
     was_training = model.training
     model.eval()

@@ -97,7 +97,7 @@ def recorded_with_gradients(probe: fx.GraphModule, example: Tensor) -> dict[str,
     ``probe_cotangent``: the same numbers as ``codeq.compression.dead_channels``."""
     recorder = Recorder(probe)
     with torch.enable_grad():
-        output = recorder.run(probe_batch(example).requires_grad_())
+        output = recorder.run(probe_batch(example))
         output.backward(probe_cotangent(output))
     return recorder.values
 

@@ -60,10 +60,25 @@ def create_model(name: str, num_classes: int, img_size: int, pretrained: bool = 
     """Model ``name`` of MODEL_REGISTRY for ``num_classes`` classes and ``img_size`` inputs; ``pretrained``: from
     its published weights.
 
+    Args:
+        name: a registered model: ``resnet20`` ... ``resnet110``, ``vit``, ``mlp``, ``resnet18``,
+            ``resnet50``, ``torchvision.<name>``, ``timm.<name>`` (extra ``timm``), or one a plugin registered.
+        num_classes: outputs of the classifier.
+        img_size: the side of the square input images in pixels (inputs ``[N, 3, img_size, img_size]``).
+        pretrained: load the published weights from the local torchvision or Hugging Face cache (no download).
+
+    Returns:
+        The ``nn.Module``, in train mode, without quantizers (``prepare`` attaches them).
+
     Raises:
         ConfigError: no such model; ``pretrained`` for a model without published weights, or whose weights are not
             in the local cache.
         ValueError: the model cannot take ``img_size``.
+
+    Examples:
+        >>> model = codeq.create_model("resnet20", num_classes=10, img_size=32)
+        >>> model(torch.zeros(8, 3, 32, 32)).shape
+        torch.Size([8, 10])
     """
     builder = MODEL_REGISTRY.choose("model", name)
     if not pretrained:

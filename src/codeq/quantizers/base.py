@@ -40,6 +40,9 @@ class Quantizer(Protocol):
             fallback: the value (or default) of an ``__init__`` argument named as in BIT_WIDTH_NAMES.
         ``takes_robust_absmax = True``: ``forward(weight, absmax)`` accepts the weight's robust absmax
             precomputed for all layers at once (``percentiles_selected_together``).
+        ``quantize_together(quantizers, weights, absmaxes) -> list[Tensor]`` (classmethod, with
+            ``takes_robust_absmax``): many layers' ``forward`` at once, the same values, for the eager training
+            step (``weights_quantized_once``); taken only for instances of the class that defines it.
     """
 
     def forward(self, weight: Tensor) -> Tensor: ...

@@ -13,8 +13,15 @@ class UniformSymmetric(nn.Module):
     Args:
         bitwidth: bits per weight (2..8); Q = 2^(bitwidth-1) - 1.
 
+    Calling it on a weight tensor of any shape returns the fake-quantized weight, same shape and dtype. No dead
+    zone and nothing learnable: the baseline CoDeQ is compared with.
+
     Raises:
         ValueError: ``bitwidth`` out of range.
+
+    Examples:
+        >>> quantized = codeq.UniformSymmetric(bitwidth=4)(torch.randn(64, 32))  # [64, 32], at most 15 values
+        >>> codeq.prepare(model, "uniform", {"bitwidth": 4})                      # one per layer
     """
 
     def __init__(self, bitwidth: int = 8) -> None:
