@@ -298,34 +298,3 @@ def test_rel_bops_of_a_model_whose_macs_cannot_be_counted_is_refused():
     with pytest.raises(BudgetError, match=r"MACs cannot be counted on an input of shape \(2, 2\)"):
         BudgetController(small_model(), 10, adamw(small_model()), rel_bops=0.05, example_input=torch.zeros(2, 2))
 
-
-def test_a_plain_pytorch_loop_reaches_its_sparsity_target():
-    """The README's use: an MLP on scikit-learn's digits, AdamW, the controller stepped after each optimizer step."""
-    from sklearn.datasets import load_digits
-
-    torch.manual_seed(0)
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).flatten(1) / 16
-    labels = torch.tensor(digits.target)
-    model = codeq.prepare(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                                        nn.Linear(256, 10)), "deadzone", {"fixed_bit_val": 4, "learnable_bit": False})
-    optimizer = torch.optim.AdamW(codeq.param_groups(model, base={"lr": 3e-3}, dz={"lr": 3e-3, "weight_decay": 6.0}))
-    epochs = 10
-    steps = epochs * len(torch.randperm(len(labels)).split(64))
-    budget = BudgetController(model, total_steps=steps, optimizer=optimizer, sparsity=0.9)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(labels)).split(64):
-            with codeq.quantized_step(model):
-                loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            budget.step()
-
-    assert budget.steps == steps and budget.verdict() is None
-    report = codeq.compression_report(model, images[0])
-    assert abs(report["sparsity"] - 0.9) <= 0.01 and budget.achieved == pytest.approx(report["sparsity"], abs=0.005)
-    with torch.no_grad(), codeq.quantized_step(model):
-        assert (model(images).argmax(1) == labels).float().mean() > 0.9
