@@ -129,6 +129,7 @@ def test_a_budget_reached_only_at_chance_accuracy_is_a_failure(tmp_path):
         f"(epoch 3); lower the target or train longer")
 
 
+@pytest.mark.usefixtures("registries_as_shipped")
 def test_rel_bops_of_a_model_without_macs_is_a_config_error_before_training(tmp_path, capsys):
     plugin = tmp_path / "embedder.py"
     plugin.write_text(
