@@ -58,3 +58,26 @@ def test_unknown_model_is_a_one_line_usage_error(root):
         assert done.returncode == 2 and not done.stdout
         assert done.stderr.splitlines()[-1].endswith("unknown model 'resnet99': choose from resnet20, resnet18, vit, "
                                                      "or none")
+
+
+def test_target_quality_trains_its_runs_and_writes_the_doc_section_and_figure(root, tmp_path):
+    doc = tmp_path / "budget.md"
+    doc.write_text("# before\n<!-- target-quality:start -->\nold\n<!-- target-quality:end -->\nafter\n")
+    done = subprocess.run([sys.executable, "bench/target_quality.py", "--epochs", "1", "--img-size", "8", "--sweep",
+                           "4,9", "--targets", "0.3", "--seeds", "0", "--variants", "4-bit", "--save-dir",
+                           str(tmp_path / "runs"), "--doc", str(doc), "--figure", str(tmp_path / "quality.png")],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert [(run["kind"], run["knob"]) for run in runs] == [("sweep", 4), ("sweep", 9), ("target", 0.3)]
+    assert all(0 <= run["sparsity"] < 1 and 0 < run["val_acc"] <= 1 for run in runs)
+    text = doc.read_text()
+    assert text.startswith("# before\n<!-- target-quality:start -->\nMeasured with `python bench/target_quality.py")
+    assert text.endswith("<!-- target-quality:end -->\nafter\n") and "old" not in text
+    sweep = sorted((run for run in runs if run["kind"] == "sweep"), key=lambda run: run["sparsity"])
+    target = runs[-1]
+    better = [run for run in sweep if run["sparsity"] >= target["sparsity"]]
+    verdict = ("none reaches it" if not better else
+               "yes" if target["val_acc"] >= max(run["val_acc"] for run in better) else "**no**")
+    assert f"| 4-bit | 0.3 | {target['sparsity']:.4f} | {target['val_acc']:.2%} | " in text and verdict in text
+    assert (tmp_path / "quality.png").stat().st_size > 10_000

@@ -44,6 +44,16 @@ GROUP_LASSO = {"name": "group_lasso", "lambda": 1.0, "kwargs": {"lambda_linear":
 # id: (patch of the quick config or raw file text or None for no file, extra arguments,
 #      the key path the line names ("" for file-level problems), fragments the line must contain)
 CASES = {
+    "target with two budgets": (setting("target", {"sparsity": 0.9, "rel_bops": 0.1}), [], "target",
+                                ["gives sparsity and rel_bops", "exactly one of sparsity, rel_bops, size_bytes"]),
+    "target out of range": (setting("target", {"sparsity": 1.2}), [], "target.sparsity", ["less than 1"]),
+    "target without quantizer": (both(setting("quantizer", None), setting("target", {"sparsity": 0.5})), [],
+                                 "target.sparsity", ["the model has no quantized layer"]),
+    "target without pressure": (both(setting("optimizer.param_groups.dz.weight_decay", 0.0),
+                                     setting("target", {"rel_bops": 0.05})), [], "target.rel_bops",
+                                ["no dead-zone pressure to adjust", "starting weight_decay"]),
+    "target beyond reach": (setting("target", {"sparsity": 0.995}), [], "target.sparsity",
+                            ["beyond reach", "every dead zone at its widest"]),
     "missing file": (None, [], "", ["file not found"]),
     "empty file": ("", [], "", ["the file is empty"]),
     "only comments": ("# nothing here\n", [], "", ["the file is empty"]),

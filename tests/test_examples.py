@@ -58,6 +58,15 @@ def test_own_loop(tmp_path):
     assert codeq.compression_report(plain, images[0])["sparsity"] == 0.0  # no quantizers left to count
 
 
+def test_budget_loop():
+    result = load_example("budget_loop").main(epochs=10, sparsity=0.9)
+    budget = result["budget"]
+    assert budget.steps == result["steps"] and budget.verdict() is None
+    report = codeq.compression_report(result["model"], result["images"][0])
+    assert abs(report["sparsity"] - 0.9) <= 0.01 and budget.achieved == pytest.approx(report["sparsity"], abs=0.005)
+    assert result["accuracy"] > 0.9
+
+
 def test_hf_trainer(tmp_path):
     out = tmp_path / "hf.onnx"
     result = load_example("hf_trainer").main(steps=250, out=str(out))

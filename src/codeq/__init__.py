@@ -16,6 +16,9 @@ Use it from any training loop::
     plain = codeq.convert(model)                               # quantizers removed, quantized weights in place
     codeq.export_onnx(model, inputs[0], "model.onnx")          # extra `onnx`
 
+To end at a budget (a sparsity, Rel. BOPs or size) rather than at a fixed pressure, let a ``codeq.BudgetController``
+adjust the pressure: call its ``step()`` after each ``optimizer.step()``.
+
 Importing ``codeq`` loads torch and nothing of the application (config, YAML, W&B, command line) or of the optional
 extras (onnx, timm, numba), and changes no global state. The YAML tool is ``codeq train|evaluate|report|export|sweep``
 (``codeq.app``).
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 
 from codeq.attach import prepare, quantized_step, toggle_quantization
 from codeq.bn import recalibrate_bn
+from codeq.budget import BudgetController
 from codeq.compression import compression_report
 from codeq.convert import convert
 from codeq.models import MODEL_REGISTRY, create_model
@@ -42,7 +46,8 @@ if TYPE_CHECKING:
 __version__ = "0.3.0"
 
 __all__ = [
-    "LOSS_REGISTRY", "MODEL_REGISTRY", "QUANTIZER_REGISTRY", "DeadZoneLDZCompander", "LossTerm", "UniformSymmetric",
+    "LOSS_REGISTRY", "MODEL_REGISTRY", "QUANTIZER_REGISTRY", "BudgetController", "DeadZoneLDZCompander", "LossTerm",
+    "UniformSymmetric",
     "bit_l2", "compression_report", "convert", "create_model", "dz_l2", "export_onnx", "group_lasso",
     "param_groups", "prepare", "quantized_step", "recalibrate_bn", "toggle_quantization",
 ]

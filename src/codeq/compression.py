@@ -238,6 +238,12 @@ def quantized_layer_bytes(numel: int, nonzero: int, bits: int) -> int:
     return packed_code_bytes(numel, nonzero, bits, sparse) + SCALE_BYTES
 
 
+def quantized_weight_bytes(stats: list[LayerStats]) -> int:
+    """Stored bytes of the quantized weights among ``stats`` (``quantized_layer_bytes`` of each), the part of
+    ``model_size``'s compressed bytes that training changes."""
+    return sum(quantized_layer_bytes(s.numel, s.nonzero, round(s.bits)) for s in stats if s.quantized)
+
+
 @torch.no_grad()
 def model_size(model: nn.Module) -> ModelSize:
     """FP32 bytes of the deployable model against its compressed bytes (see docs/compression.md)."""

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from codeq import budget
 from codeq.app.plugins import import_plugins
 from codeq.data.base import DATASET_REGISTRY
 from codeq.data.on_device import DEVICE_DATA
@@ -122,6 +123,46 @@ class ReportConfig(Section):
     fp_weight_bits: int = Field(32, ge=1, le=32, description="weight bit-width that BOPs count for layers left in FP32")
 
 
+class TargetConfig(Section):
+    """A compression budget the run steers its pressure to (``codeq.budget``, docs/budget.md): exactly one of
+    ``sparsity``, ``rel_bops``, ``size_bytes``, and the controller's settings."""
+
+    sparsity: float | None = Field(None, gt=0, lt=1, description="share of the quantized weights that end exactly "
+                                   "zero (met within ±0.01)")
+    rel_bops: float | None = Field(None, gt=0, le=1, description="Rel. BOPs as the report counts them, a fraction "
+                                   "(met within ±5 %)")
+    size_bytes: int | None = Field(None, gt=0, description="the report's compressed size in bytes (met within ±5 %)")
+    ramp: float = Field(budget.RAMP, ge=0, le=1, description="share of the training steps over which the target "
+                        "moves from the model's starting value to the budget (cubic, Zhu & Gupta 2017)")
+    interval: int | None = Field(None, ge=1, description=f"training steps between updates of the pressure; null: "
+                                 f"the run's steps / {budget.UPDATES}")
+    proportional_gain: float = Field(budget.PROPORTIONAL_GAIN, ge=0, description="K_P of the update of the log "
+                                     "pressure factor")
+    integral_gain: float = Field(budget.INTEGRAL_GAIN, ge=0, description="K_I of the update of the log pressure "
+                                 "factor, per run")
+    horizon: float = Field(budget.HORIZON, ge=0, le=1, description="share of the training steps the update looks "
+                           "ahead: it compares the measured value, extrapolated along its recent trend, with the "
+                           "target in force that much later, so the pressure eases before an overshoot")
+    max_factor: float = Field(budget.MAX_FACTOR, ge=1, description="the pressure stays within its starting value "
+                              "divided or multiplied by this")
+
+    @model_validator(mode="after")
+    def one_budget(self) -> TargetConfig:
+        given = [metric for metric in budget.METRICS if getattr(self, metric) is not None]
+        if len(given) != 1:
+            raise ConfigError("", f"gives {' and '.join(given) if given else 'no budget'}",
+                              f"give exactly one of {', '.join(budget.METRICS)}")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return next(metric for metric in budget.METRICS if getattr(self, metric) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.metric))
+
+
 # The reference implementation's top-level keys, read as aliases (None: accepted, no effect).
 REFERENCE_ALIASES = {"default_activation_bitrate": "activation_bits", "default_weight_bitrate": "fp_weight_bits",
                      "eval_bobs": None}
@@ -202,8 +243,13 @@ class TrainConfig(Section):
                               json_schema_extra=RUNTIME)
     run_name: str | None = Field(None, description="name of the run directory and W&B run, a template over config "
                                  "keys in braces, e.g. `\"{model}_dzwd{optimizer.param_groups.dz.weight_decay}\"`; "
-                                 "null: `<model>_<quantizer><bits>b_e<epochs>_lr<lr>` (+ `_gb<global batch>` under "
-                                 "DDP); the bits are max_bits when the bit-width is learned")
+                                 "null: `<model>_<quantizer><bits>b_e<epochs>_lr<lr>` (+ `_<metric><value>` with a "
+                                 "`target`, + `_gb<global batch>` under DDP); the bits are max_bits when the "
+                                 "bit-width is learned")
+    target: TargetConfig | None = Field(None, description="a compression budget the run adjusts the dead-zone (and "
+                                        "bit-width) pressure to reach, starting from the configured weight decay "
+                                        "or lambda: exactly one of sparsity, rel_bops, size_bytes (docs/budget.md); "
+                                        "null: the pressure stays as configured")
     report: ReportConfig = Field(default_factory=ReportConfig, json_schema_extra=RUNTIME, description="how reports "
                                  "count BOPs; aliases: `default_activation_bitrate`, `default_weight_bitrate`, "
                                  "`eval_bobs` (no effect) at the top level")

@@ -53,8 +53,9 @@ def seed_everything(seed: int) -> None:
 def run_name(config: TrainConfig, world_size: int = 1) -> str:
     """The config's ``run_name`` template rendered (``render_run_name``), else
     ``<model>_<quantizer><bits>b_e<epochs>_lr<lr>`` (``<model>_baseline_...``
-    without a quantizer; no ``<bits>b`` for a quantizer that names no bit-width). A multi-process run appends
-    ``_gb<global batch>`` (batch_size is per process), so different global batches never share a directory."""
+    without a quantizer; no ``<bits>b`` for a quantizer that names no bit-width), then ``_<metric><value>`` for a
+    compression target. A multi-process run appends ``_gb<global batch>`` (batch_size is per process), so different
+    global batches never share a directory."""
     if config.run_name is not None:
         return render_run_name(config.run_name, config_to_dict(config))
     lr = f"{config.optimizer.param_groups.base.lr:g}"
@@ -63,8 +64,9 @@ def run_name(config: TrainConfig, world_size: int = 1) -> str:
     else:
         bits = nominal_bits(QUANTIZER_REGISTRY[config.quantizer.name], config.quantizer.kwargs)
         scheme = config.quantizer.name + (f"{bits}b" if bits is not None else "")
+    target = f"_{config.target.metric}{config.target.value:g}" if config.target is not None else ""
     global_batch = f"_gb{config.batch_size * world_size}" if world_size > 1 else ""
-    return f"{config.model}_{scheme}_e{config.epochs}_lr{lr}{global_batch}"
+    return f"{config.model}_{scheme}_e{config.epochs}_lr{lr}{target}{global_batch}"
 
 
 def build_model(config: TrainConfig, num_classes: int, initialize: bool = True) -> tuple[nn.Module, list[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import time
@@ -37,9 +38,11 @@ from codeq.app.checkpoint import (
 from codeq.app.config import TrainConfig, config_differences, config_to_dict, runtime_keys
 from codeq.app.experiment import build_loss_terms, build_model, optimizer_for, run_name, scheduler_for, seed_everything
 from codeq.app.report import REPORT_FILES, example_input, write_run_report
+from codeq.app.targets import budget_text, build_budget, check_outcome, describe_budget
 from codeq.app.tracking import RunTracker, rewind_metrics
 from codeq.attach import owns_weight
 from codeq.bn import has_batch_norm
+from codeq.budget import BudgetController
 from codeq.compression import BopsSettings, CompressionMonitor
 from codeq.data.base import DatasetPair, declared_classes, load_dataset
 from codeq.data.loaders import build_loaders
@@ -90,6 +93,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_terms: list[LossTerm]
     data: DatasetPair | None = field(default=None, repr=False)  # loaded early when the data set declares no classes
+    budget: BudgetController | None = None  # the config's target, checked (TrainingRun builds the run's own)
 
     @property
     def resolved(self) -> dict[str, Any]:
@@ -119,8 +123,10 @@ def prepare(config: TrainConfig, device: torch.device) -> Setup:
     model, quantized = build_model(config, num_classes)
     model.to(device)
     optimizer = optimizer_for(model, config)
-    return Setup(config, device, run_name(config, distributed.world_size()), num_classes, model, quantized,
-                 optimizer, scheduler_for(optimizer, config), build_loss_terms(config), data)
+    setup = Setup(config, device, run_name(config, distributed.world_size()), num_classes, model, quantized,
+                  optimizer, scheduler_for(optimizer, config), build_loss_terms(config), data)
+    setup.budget = build_budget(setup, total_steps=1)
+    return setup
 
 
 def statistics_for(model: nn.Module, checkpoint: dict[str, Any], config: TrainConfig, batches: int | None,
@@ -268,6 +274,7 @@ def describe(setup: Setup, start: Start) -> str:
     terms = [f"{term.weight:g} * {spec.name}({', '.join(f'{k}={v}' for k, v in term.kwargs.items())})"
              for term, spec in zip(setup.loss_terms, config.loss_terms)]
     lines.append(f"loss terms: {' + '.join(terms) if terms else 'none'}")
+    lines += describe_budget(setup.budget)
     warning = dz_collapse_warning(config, None)
     if warning:
         lines.append(f"warning:    {warning}")
@@ -375,6 +382,8 @@ class TrainingRun:
         self.recalibrated = 0 if checkpoint is None else checkpoint.get("bn_recalibrated", 0)
         self.cost_logged = False
         self.epoch_state, wandb_id = EpochState(), None
+        self.budget = build_budget(setup, config.epochs * len(self.train_loader), self.val_loader.dataset[0][0],
+                                   sync=functools.partial(distributed.broadcast_value, device=setup.device))
         if checkpoint is not None:
             self.restore(checkpoint, path)
             wandb_id = checkpoint["wandb_id"]
@@ -400,6 +409,8 @@ class TrainingRun:
         self.epoch, self.global_step = checkpoint["epoch"], checkpoint["step"]
         self.best_val_acc = checkpoint["best_val_acc"]
         self.epoch_state = EpochState(checkpoint["epoch_step"], **checkpoint["epoch_sums"])
+        if self.budget is not None:
+            self.budget.load_state_dict(checkpoint["budget"])
         if not distributed.is_main_process():  # the sums are totals over all processes: count them once
             self.epoch_state = EpochState(checkpoint["epoch_step"])
         log.info("resuming %s at epoch %d, step %d of it", path, self.epoch + 1, self.epoch_state.step)
@@ -415,6 +426,7 @@ class TrainingRun:
             "rng": rng_state(self.generator),
             "grad_scaler": scaler.state_dict() if scaler is not None else None, "wandb_id": self.tracker.wandb_id,
             "bn_recalibrated": self.recalibrated,
+            "budget": self.budget.state_dict() if self.budget is not None else None,
         }
 
     def save(self, best: bool = False) -> None:
@@ -483,7 +495,8 @@ class TrainingRun:
         try:
             metrics = train(self.train_loader, self.train_model, self.criterion, self.setup.optimizer, epoch,
                             self.setup.device, self.setup.loss_terms, log_interval=config.log_interval,
-                            state=self.epoch_state, stop=self.stop, step_settings=self.step_settings)
+                            state=self.epoch_state, stop=self.stop, step_settings=self.step_settings,
+                            after_step=self.budget.step if self.budget is not None else None)
         except NonFiniteLossError as error:
             last = self.run_dir / LAST_CHECKPOINT
             kept = (f"the last good checkpoint {last} (epoch {self.epoch}) is untouched" if last.is_file()
@@ -499,6 +512,7 @@ class TrainingRun:
         checkpoint when a stop signal arrived."""
         setup, config = self.setup, self.setup.config
         compression: dict[str, float] = {}
+        record: dict[str, Any] = {}
         for epoch in range(self.epoch + 1, config.epochs + 1):
             if self.stop.anywhere():
                 self.preempt()
@@ -516,7 +530,8 @@ class TrainingRun:
             compression = self.compression_monitor.epoch_metrics(BopsSettings.of(self.resolved))
             parts = {name: value for name, value in train_metrics.items() if name not in ("loss", "acc")}
             record = {"epoch": epoch, "loss": train_metrics["loss"], **parts, "train_acc": train_metrics["acc"],
-                      "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"], "lr": lr, **compression}
+                      "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"], "lr": lr, **compression,
+                      **(self.budget.record() if self.budget is not None else {})}
             with self.writing(self.tracker.metrics_path):
                 self.tracker.log(record)
             warn_if_collapsed(record, setup.num_classes)
@@ -524,10 +539,12 @@ class TrainingRun:
             self.best_val_acc = max(self.best_val_acc, val_metrics["acc"])
             self.epoch, self.epoch_state = epoch, EpochState()
             self.save(best=improved)
-            log.info("epoch %d/%d loss %.4f%s train_acc %.4f val_acc %.4f%s%s", epoch, config.epochs, record["loss"],
+            log.info("epoch %d/%d loss %.4f%s train_acc %.4f val_acc %.4f%s%s%s",
+                     epoch, config.epochs, record["loss"],
                      "".join(f" {name} {value:.4f}" for name, value in parts.items()), record["train_acc"],
                      record["val_acc"], f" sparsity {compression['sparsity']:.4f} bits {compression['mean_bits']:.2f}"
-                     if compression else "", self.recalibration_cost(recalibration, epoch_seconds))
+                     if compression else "", budget_text(record, self.budget),
+                     self.recalibration_cost(recalibration, epoch_seconds))
         if self.stop.anywhere() and self.epoch < config.epochs:
             self.preempt()
         if distributed.is_main_process():
@@ -537,6 +554,7 @@ class TrainingRun:
         sparsity = f" | sparsity {compression['sparsity']:.2%}" if compression else ""
         if distributed.is_main_process():
             print(f"run directory: {self.run_dir} | best val_acc {self.best_val_acc:.2%}{sparsity}")
+        check_outcome(self.budget, record.get("val_acc"), setup.num_classes, self.run_dir, self.epoch)
         return self.run_dir
 
     def close(self) -> None:

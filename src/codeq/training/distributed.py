@@ -126,6 +126,15 @@ def all_reduce_sum(values: Tensor) -> Tensor:
     return values
 
 
+def broadcast_value(value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every process (``value`` itself when single-process), so that all take one decision."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def any_process(flag: bool, device: torch.device) -> bool:
     """True on every process when ``flag`` is true on any one, so all stop at the same step."""
     if not is_distributed():

@@ -157,6 +157,7 @@ def train(
     state: EpochState | None = None,
     stop: Callable[[int], bool] | None = None,
     step_settings: StepSettings | None = None,
+    after_step: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for one epoch; the loss is ``criterion(output, target) + sum(weight * fn(model, **kwargs))``
     over the ``(fn, weight, kwargs)`` triples of ``loss_fns``. Each term's value is checked at the first step
@@ -167,7 +168,8 @@ def train(
     ``task_loss`` (the criterion's part) and ``loss_<fn name>`` (each weighted term). A ``state`` with
     ``step > 0`` continues an interrupted epoch (``train_loader`` then yields only the batches
     after that step) and is updated in place on return; ``stop(step)`` is asked after every step
-    and ends the epoch early when true. A NaN or infinite loss raises NonFiniteLossError, checked
+    and ends the epoch early when true; ``after_step()`` is called after every optimizer step, before ``stop`` (a
+    budget controller adjusting the compression pressure). A NaN or infinite loss raises NonFiniteLossError, checked
     wherever the loss is read anyway (progress lines) and at the end. ``step_settings`` sets
     autocast and channels-last batches (default: FP32, as the batches come).
     """
@@ -203,6 +205,8 @@ def train(
         step_settings.backward_and_step(loss, optimizer)
         meter.add(loss, logits, targets, parts)
         losses[step - first_step] = loss.detach()
+        if after_step is not None:
+            after_step()
         if progress.interactive or step % log_interval == 0 or step == progress.total:
             raise_if_nonfinite(losses[: step - first_step + 1], epoch, first_step)
             progress.update(step, loss=loss.item(), **{name: value.item() for name, value in parts.items()})
