@@ -10,6 +10,17 @@ os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """A test that changes torch's thread count (as a DDP worker runs, one thread) leaves the next one as it was:
+    later in-process runs would otherwise train single-threaded, and differently."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def root() -> Path:
     return ROOT
