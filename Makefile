@@ -25,7 +25,7 @@ test: $(STAMP)  # lint (ruff.toml), then the tests
 BENCH_RUN := -m codeq train --set save_dir=runs/bench --resume auto
 bench: $(STAMP)
 	$(PYTHON) bench/absmax.py --repeats 20
-	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 60 --control --json runs/bench/resnet20.json
+	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 60 --control --reference --json runs/bench/resnet20.json
 	$(PYTHON) bench/step_overhead.py --models resnet18,vit --repeats 20 --control --json runs/bench/resnet18_vit.json
 	$(PYTHON) bench/step_overhead.py --models resnet20 --repeats 30 --compile --control --json runs/bench/resnet20_compiled.json
 	$(PYTHON) $(BENCH_RUN) --config configs/quickstart.yaml --set run_name=quickstart

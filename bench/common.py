@@ -27,6 +27,11 @@ QAT_SETTINGS = {
 }
 
 
+class PlainDeadZone(DeadZoneLDZCompander):
+    """The dead-zone quantizer without its fast path: a subclass does not inherit ``quantize_together``, so every
+    step runs the reference, ``forward``, layer by layer (what the fast path is measured against)."""
+
+
 @dataclass
 class BenchModel:
     """A network, its input size and batch, and the layers left FP32 (norms)."""
@@ -36,10 +41,11 @@ class BenchModel:
     batch_size: int
     exclude: tuple[str, ...]
 
-    def quantize(self, model: nn.Module, bits: str = "learnable") -> nn.Module:
+    def quantize(self, model: nn.Module, bits: str = "learnable", reference: bool = False) -> nn.Module:
         """``model`` (one of ``build``'s) with a dead-zone quantizer (``QAT_SETTINGS[bits]``) on every layer but the
-        excluded ones."""
-        attach_weight_quantizers(model, self.exclude, DeadZoneLDZCompander, QAT_SETTINGS[bits])
+        excluded ones; with ``reference``, one that always runs the plain ``forward`` (``PlainDeadZone``)."""
+        quantizer = PlainDeadZone if reference else DeadZoneLDZCompander
+        attach_weight_quantizers(model, self.exclude, quantizer, QAT_SETTINGS[bits])
         return model
 
 

@@ -1,9 +1,9 @@
 """What QAT costs over FP32: training step and validation batch, measured side by side.
 
     python bench/step_overhead.py [--device cpu|cuda] [--models resnet20,resnet18,vit] [--threads N]
-                                  [--bits learnable,fixed] [--repeats 30] [--train-steps 1] [--val-batches 10]
-                                  [--control] [--amp bf16] [--channels-last] [--compile [--compile-mode MODE]]
-                                  [--clock wall|cpu] [--json PATH]
+                                  [--bits learnable,fixed] [--reference] [--repeats 30] [--train-steps 1]
+                                  [--val-batches 10] [--control] [--amp bf16] [--channels-last]
+                                  [--compile [--compile-mode MODE]] [--clock wall|cpu] [--json PATH]
 
 For each model an FP32 network and copies with CoDeQ dead-zone quantizers (4 bits with a learnable
 dead zone; the bit-width learnable from 4 bits and/or fixed at 4: ``--bits``; norm layers FP32) run
@@ -17,7 +17,9 @@ interval. Many short repeats beat few long ones here: single steps on a shared m
 +-10 %. ``--control`` adds a second, identical FP32 network, whose ratio to the first shows what the
 noise alone makes of two equal costs. BatchNorm re-estimation (``codeq.recalibrate_bn``, 5 batches,
 a step of its own before each validation of a run) is timed beside them and shown in FP32 training
-steps. The last line printed is the worst median ratio.
+steps. ``--reference`` adds each QAT variant once more with the quantizer's plain ``forward`` layer by
+layer instead of its fast path (``quantize_together``): what the fast path gains, measured side by side.
+The last line printed is the worst median ratio of the variants that runs use (the plain ones left out).
 """
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     parser.add_argument("--bits", type=bit_settings, default="learnable,fixed",
                         help=f"QAT variants, comma-separated from {', '.join(QAT_SETTINGS)}")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time each QAT variant with the quantizer's plain forward (no fast path)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--train-steps", type=int, default=1, help="training steps per variant and repeat")
     parser.add_argument("--val-batches", type=int, default=10, help="batches per validation pass")
@@ -148,6 +152,14 @@ def median_with_interval(values: list[float], seed: int, resamples: int = 2000) 
     return statistics.median(values), medians[int(0.025 * resamples)], medians[int(0.975 * resamples)]
 
 
+def qat_variants(args: argparse.Namespace) -> dict[str, tuple[str, bool]]:
+    """The QAT variants timed: key -> (bit-width setting, plain forward instead of the fast path)."""
+    variants = {f"qat_{bits}": (bits, False) for bits in args.bits}
+    if args.reference:
+        variants |= {f"qat_{bits}_plain": (bits, True) for bits in args.bits}
+    return variants
+
+
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     spec = MODELS[name]
     torch.manual_seed(0)
@@ -155,9 +167,9 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     models = {"fp32": fp32_model}
     if args.control:
         models["fp32_copy"] = copy.deepcopy(fp32_model)
-    qat = [f"qat_{bits}" for bits in args.bits]
-    for bits, key in zip(args.bits, qat):
-        models[key] = spec.quantize(copy.deepcopy(fp32_model), bits)
+    qat = list(qat_variants(args))
+    for key, (bits, reference) in qat_variants(args).items():
+        models[key] = spec.quantize(copy.deepcopy(fp32_model), bits, reference)
     settings = StepSettings(device, args.amp, args.channels_last)
     variants = {key: Variant(model, settings, args.compile, args.compile_mode) for key, model in models.items()}
     train_batches = random_batches(args.train_steps, spec, device)
@@ -239,15 +251,15 @@ def main() -> int:
           f"amp {args.amp} | channels_last {args.channels_last} | compile {args.compile} "
           f"{args.compile_mode or ''}| {args.clock} clock{load}")
     control = " | FP32 copy/FP32 (noise)" if args.control else ""
-    print(f"{'model':<9} {'batch':>5} {'phase':<5} {'QAT bits':<9} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} "
+    print(f"{'model':<9} {'batch':>5} {'phase':<5} {'QAT bits':<16} {'FP32 ms':>9} {'QAT ms':>9} {'QAT/FP32':>8} "
           f"{'95% CI':>13} {'quantizers alone':>16}{control}")
     worst = (0.0, "")
     for name, result in report["models"].items():
         for phase in ("train", "val"):
             entry = result[phase]
-            for bits in args.bits:
-                key = f"qat_{bits}"
-                line = (f"{name:<9} {result['batch_size']:>5} {phase:<5} {bits:<9} "
+            for key, (bits, plain) in qat_variants(args).items():
+                label = f"{bits}{', plain' if plain else ''}"
+                line = (f"{name:<9} {result['batch_size']:>5} {phase:<5} {label:<16} "
                         f"{entry['fp32_median_s'] * 1e3:>9.1f} "
                         f"{entry[f'{key}_median_s'] * 1e3:>9.1f} {entry[f'{key}_ratio']:>8.3f} "
                         f"{entry[f'{key}_ratio_low']:>6.3f}-{entry[f'{key}_ratio_high']:.3f} "
@@ -256,7 +268,8 @@ def main() -> int:
                     line += (f" | {entry['fp32_copy_ratio']:.3f} "
                              f"({entry['fp32_copy_ratio_low']:.3f}-{entry['fp32_copy_ratio_high']:.3f})")
                 print(line)
-                worst = max(worst, (entry[f"{key}_ratio"], f"{name} {phase} {bits} bits"))
+                if not plain:  # the worst of what runs: the plain forward is only the yardstick
+                    worst = max(worst, (entry[f"{key}_ratio"], f"{name} {phase} {bits} bits"))
         for bits in args.bits:
             key = f"qat_{bits}"
             print(f"{name:<9} BatchNorm re-estimation ({bits} bits, {result['recalibration_batches']} batches): "

@@ -15,13 +15,13 @@ def run_bench(root, script: str, *args: str) -> str:
 
 def test_step_overhead_times_every_variant_and_ends_with_the_worst_ratio(root, tmp_path):
     out = run_bench(root, "step_overhead.py", "--models", "resnet20", "--repeats", "3", "--val-batches", "2",
-                    "--control", "--json", str(tmp_path / "steps.json"))
+                    "--control", "--reference", "--json", str(tmp_path / "steps.json"))
     result = json.loads((tmp_path / "steps.json").read_text())["models"]["resnet20"]
     assert result["batch_size"] == 128 and result["quantized_weights"] == 268_336
     ratios = {}
     for phase in ("train", "val"):
         entry = result[phase]
-        for key in ("fp32", "qat_learnable", "qat_fixed", "fp32_copy"):
+        for key in ("fp32", "qat_learnable", "qat_fixed", "fp32_copy", "qat_learnable_plain", "qat_fixed_plain"):
             assert len(entry[f"{key}_s"]) == 3 and all(seconds > 0 for seconds in entry[f"{key}_s"])
         for bits in ("learnable", "fixed"):
             key = f"qat_{bits}"

@@ -102,18 +102,20 @@ class NonFiniteLossError(ArithmeticError):
 
 
 def report_error(error: BaseException, command: str, verbose: bool = False,
-                 failures: tuple[type[BaseException], ...] = (RunFailure,)) -> int:
+                 failures: tuple[type[BaseException], ...] = (RunFailure,), quiet: bool = False) -> int:
     """Print ``error`` as one line on stderr and return the exit code the ``command`` (``train``, ``export``, ...)
     ends with: a bad config is its ``ConfigError.line()`` and EXIT_CONFIG_ERROR; an error of the ``failures`` types
     (a run that cannot go on) is ``error: ...`` and EXIT_FAILURE; anything else (a bad argument, checkpoint or file)
-    is ``<command> error: ...`` and EXIT_CONFIG_ERROR. With ``verbose`` the traceback comes first."""
-    if verbose:
-        traceback.print_exception(error)
+    is ``<command> error: ...`` and EXIT_CONFIG_ERROR. With ``verbose`` the traceback comes first; ``quiet`` prints
+    nothing (the other processes of a distributed run: rank 0 speaks for all)."""
     if isinstance(error, ConfigError):
         line, code = error.line(), EXIT_CONFIG_ERROR
     elif isinstance(error, failures):
         line, code = f"error: {first_line(error)}", EXIT_FAILURE
     else:
         line, code = f"{command} error: {first_line(error)}", EXIT_CONFIG_ERROR
-    print(line, file=sys.stderr)
+    if not quiet:
+        if verbose:
+            traceback.print_exception(error)
+        print(line, file=sys.stderr)
     return code

@@ -170,9 +170,10 @@ def run(args: argparse.Namespace) -> int:
         return code
     except ConfigError as error:
         error.source = error.source or args.config
-        return report_error(error, "train", args.verbose)
+        return report_error(error, "train", args.verbose, quiet=distributed.launched_as_other_rank())
     except (RunFailure, CheckpointError) as error:
-        return report_error(error, "train", args.verbose, failures=(RunFailure, CheckpointError))
+        return report_error(error, "train", args.verbose, failures=(RunFailure, CheckpointError),
+                            quiet=distributed.launched_as_other_rank())
     except KeyboardInterrupt:
         if args.verbose:
             traceback.print_exc()
