@@ -97,8 +97,12 @@ class Variant:
     def __init__(self, model: nn.Module, settings: StepSettings, compile_model: bool, mode: str | None) -> None:
         self.model = settings.prepare_model(model)
         self.forward_model = torch.compile(model, mode=mode) if compile_model else model
-        # As a run builds it (build_optimizer): base, dz and bit groups, fused where torch has the kernel.
-        groups = param_groups(model, base={"lr": 1e-4}, dz={"lr": 1e-4, "weight_decay": 5.0}, bit={"lr": 1e-4})
+        # As a run builds it (build_optimizer): base, dz and bit groups, fused where torch has the kernel; a group
+        # is asked for only where the model trains its logits (param_groups warns about an unused one).
+        names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+        dz = {"lr": 1e-4, "weight_decay": 5.0} if any("logit_dz" in name for name in names) else None
+        bit = {"lr": 1e-4} if any("logit_bit" in name for name in names) else None
+        groups = param_groups(model, base={"lr": 1e-4}, dz=dz, bit=bit)
         self.optimizer = torch.optim.AdamW(groups, **fused_option(torch.optim.AdamW, model))
         self.settings = settings
         self.criterion = nn.CrossEntropyLoss()
