@@ -152,7 +152,8 @@ def figure(runs: list[Run], path: Path) -> None:
 
 def write_doc(doc: Path, runs: list[Run], args: argparse.Namespace) -> None:
     seed = args.seeds[0]
-    lines = [f"Measured with `python bench/target_quality.py {' '.join(sys.argv[1:])}`".rstrip() + f": "
+    command = " ".join(["python bench/target_quality.py", *sys.argv[1:]])
+    lines = [f"Measured with `{command}`: "
              f"{args.epochs} epochs at {args.img_size} px, seed {seed} for the sweep and the comparison; the "
              f"targeted runs start from the config's dz weight decay (6.0). Accuracy is the final epoch's "
              f"val_acc.", "", f"![accuracy against sparsity]({os.path.relpath(args.figure, doc.parent)})", "",
