@@ -37,7 +37,7 @@ from torch import nn
 
 from codeq.attach import quantized_layers, weights_quantized_once
 from codeq.bn import recalibrate_bn
-from codeq.optim import fused_option, param_groups
+from codeq.optim import fused_option, group_of, param_groups
 from codeq.training.loop import train, validate
 from codeq.training.memory import keep_freed_memory
 from codeq.training.step_settings import StepSettings
@@ -99,9 +99,9 @@ class Variant:
         self.forward_model = torch.compile(model, mode=mode) if compile_model else model
         # As a run builds it (build_optimizer): base, dz and bit groups, fused where torch has the kernel; a group
         # is asked for only where the model trains its logits (param_groups warns about an unused one).
-        names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-        dz = {"lr": 1e-4, "weight_decay": 5.0} if any("logit_dz" in name for name in names) else None
-        bit = {"lr": 1e-4} if any("logit_bit" in name for name in names) else None
+        trained = {group_of(name) for name, parameter in model.named_parameters() if parameter.requires_grad}
+        dz = {"lr": 1e-4, "weight_decay": 5.0} if "dz" in trained else None
+        bit = {"lr": 1e-4} if "bit" in trained else None
         groups = param_groups(model, base={"lr": 1e-4}, dz=dz, bit=bit)
         self.optimizer = torch.optim.AdamW(groups, **fused_option(torch.optim.AdamW, model))
         self.settings = settings
